@@ -1,0 +1,1 @@
+"""moeserve engine: model, tokenizer, scheduling."""

@@ -1,0 +1,119 @@
+"""The attention backend interface and the per-step batch description it reads.
+
+A step's batch is a flat run of tokens from many sequences: decodes (one new token
+each) first, then prefill chunks of any length. Each sequence's KV lives in fixed-size
+blocks of a paged cache, found through its row of `block_tables`. MLA caches, per token
+and layer, only the compressed latent and the rope key, so the cache row is
+`kv_lora_rank + qk_rope_head_dim` wide and carries no head dimension.
+
+Cache layout, shared by every backend (FlashInfer's paged MLA reads the same memory as
+its `ckv` and `kpe` views):
+    kv_cache [L, N, B, C]   L layers, N blocks, B tokens per block, C = kv_lora_rank + rope dim
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+class MLAPath(enum.Enum):
+    """Which form of MLA a step uses. AUTO: absorbed for decodes, naive for prefills."""
+
+    AUTO = "auto"
+    ABSORBED = "absorbed"
+    NAIVE = "naive"
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """What every layer needs to find each token's sequence, position and cache rows.
+
+    S = sequences in the step, T = tokens in the step, M = max blocks per sequence.
+    query_lens:   new tokens per sequence (host ints, length S)
+    seq_lens:     tokens in cache after this step, new ones included (host ints, length S)
+    block_tables: [S, M] int32, the cache blocks of each sequence in order
+    slot_mapping: [T] int64, flat cache row (block * B + offset) each new token is written to
+    num_decodes:  how many leading sequences are decodes (query_len 1 and decoding, not prefill)
+    """
+
+    query_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decodes: int = 0
+    path: MLAPath = MLAPath.AUTO
+
+    def __post_init__(self) -> None:
+        if len(self.query_lens) != len(self.seq_lens) or len(self.seq_lens) != self.block_tables.shape[0]:
+            raise ValueError("query_lens, seq_lens and block_tables disagree on the number of sequences")
+        if any(q > s or q <= 0 for q, s in zip(self.query_lens, self.seq_lens)):
+            raise ValueError("every sequence needs 0 < query_len <= seq_len")
+        if any(q != 1 for q in self.query_lens[: self.num_decodes]):
+            raise ValueError("decodes must come first in the batch, one token each")
+        if self.slot_mapping.numel() != self.num_tokens:
+            raise ValueError(f"slot_mapping has {self.slot_mapping.numel()} rows for {self.num_tokens} tokens")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[T] int64: each new token's position in its sequence."""
+        parts = [torch.arange(s - q, s) for q, s in zip(self.query_lens, self.seq_lens)]
+        return torch.cat(parts).to(device)
+
+    def sequences(self, start: int, stop: int) -> "AttentionMetadata":
+        """The sub-batch of sequences [start, stop), with its own token rows."""
+        t0, t1 = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
+        return AttentionMetadata(
+            self.query_lens[start:stop], self.seq_lens[start:stop], self.block_tables[start:stop],
+            self.slot_mapping[t0:t1], max(0, min(self.num_decodes, stop) - start), self.path)
+
+    def token_range(self, start: int, stop: int) -> slice:
+        return slice(sum(self.query_lens[:start]), sum(self.query_lens[:stop]))
+
+
+class AttentionBackend(ABC):
+    """Paged MLA attention for one model on one device.
+
+    Contract: `plan(meta)` is called once per step before any layer runs; `write_kv`,
+    `absorbed` and `naive` are then called once per layer with that same metadata (or a
+    sub-batch of it from `meta.sequences`). Queries attend causally to every cached token
+    of their sequence up to their own position, the tokens written by `write_kv` in this
+    step included. A backend holds no cache memory of its own: the caller owns `kv_cache`
+    and must not let two steps use it at once.
+    """
+
+    name: str = ""
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Prepares per-step work (index buffers, kernel plans). Default: nothing to do."""
+
+    def write_kv(self, cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Stores the step's new tokens. cache [N, B, C]; latent [T, Ckv]; k_pe [T, R] (roped)."""
+        rows = cache.view(-1, cache.shape[-1])
+        rows[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+
+    @abstractmethod
+    def absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Weight-absorbed MLA: attention of latent queries against the latent cache.
+
+        q_latent [T, H, Ckv] (q_nope already multiplied by W_UK); q_pe [T, H, R];
+        cache [N, B, Ckv + R]. Returns [T, H, Ckv] in q_latent's dtype: softmax(q.k) @ latent,
+        to be multiplied by W_UV by the caller.
+        """
+
+    @abstractmethod
+    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+              w_kv_b: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Naive MLA: latents up-projected to per-head keys and values, then plain attention.
+
+        q_nope [T, H, Dn]; q_pe [T, H, R]; cache [N, B, Ckv + R];
+        w_kv_b [H, Dn + Dv, Ckv] (kv_b_proj's weight). Returns [T, H, Dv] in q_nope's dtype.
+        """

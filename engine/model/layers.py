@@ -1,0 +1,52 @@
+"""Small building blocks: a bias-free linear layer, RMSNorm and the SwiGLU MLP.
+
+Parameters are allocated uninitialized: every one of them is overwritten by the
+checkpoint loader, which also checks that none is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T, W [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = empty_param(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim]: normalized in fp32, scaled by the weight in x's dtype."""
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, dtype, device)
+        self.up_proj = Linear(hidden, inter, dtype, device)
+        self.down_proj = Linear(inter, hidden, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

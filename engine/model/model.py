@@ -1,0 +1,81 @@
+"""DeepSeek-V3 (and R1) decoder for serving: a flat batch of tokens from many sequences,
+their positions, and a paged latent KV cache.
+
+Module and parameter names follow the Hugging Face checkpoint layout
+(`model.layers.N.self_attn.q_a_proj.weight`, ...), except the routed experts, which are
+stacked per layer (see `moe.py`).
+
+Legend: T = tokens in the step, D = hidden size, V = vocabulary, L = layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+
+from .config import ModelConfig
+from .layers import MLP, Linear, RMSNorm, empty_param
+from .mla import MLA
+from .moe import MoE
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MLA(cfg, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MoE(cfg, dtype, device) if cfg.is_moe_layer(layer) else MLP(
+            cfg.hidden_size, cfg.intermediate_size, dtype, device)
+
+    def forward(self, x, rope, cache, meta, backend):
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, meta, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV3Body(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu", attention: str = "torch") -> None:
+        super().__init__()
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.model = DeepseekV3Body(cfg, dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
+        self.rotary = RotaryEmbedding(cfg, device)
+        self.attention: AttentionBackend = get_attention_backend(attention)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
+        """The paged cache for every layer: [L, N, B, kv_lora_rank + rope dim], zeroed."""
+        cfg = self.cfg
+        return torch.zeros(cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_cache_dim,
+                           dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T] int64; positions [T] int64; kv_cache [L, N, B, C]. Returns hidden [T, D].
+
+        Writes the new tokens' latents into kv_cache at meta.slot_mapping.
+        """
+        self.attention.plan(meta)
+        x = self.model.embed_tokens.weight[input_ids]
+        rope = self.rotary(positions)
+        for layer, cache in zip(self.model.layers, kv_cache):
+            x = layer(x, rope, cache, meta, self.attention)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V] fp32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,60 @@
+"""DeepSeekMoE: shared experts plus sigmoid-routed, group-limited top-k routed experts.
+
+Routed expert weights are stacked per layer so fused kernels can index them:
+    w13 [E, 2I, D]  gate_proj rows then up_proj rows of each expert
+    w2  [E, D, I]   down_proj of each expert
+The checkpoint's per-expert tensors are copied into these slices by the loader.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.moe_ref import grouped_topk, moe_reference
+
+from .config import ModelConfig
+from .layers import MLP, empty_param
+
+
+class Router(nn.Module):
+    """The `gate`: router weight [E, D] and the aux-loss-free balancing bias [E], both fp32."""
+
+    def __init__(self, cfg: ModelConfig, device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = empty_param(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32, device=device)
+        self.e_score_correction_bias = empty_param(cfg.n_routed_experts, dtype=torch.float32, device=device)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
+        cfg = self.cfg
+        logits = x.float() @ self.weight.t()
+        return grouped_topk(logits, self.e_score_correction_bias, cfg.num_experts_per_tok,
+                            cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
+        self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return moe_reference(x, self.w13, self.w2, weights, ids)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.gate = Router(cfg, device)
+        self.experts = RoutedExperts(cfg, dtype, device)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, shared, dtype, device) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -1,0 +1,57 @@
+"""Plain-torch references for DeepSeek-V3 MoE routing and expert computation.
+
+These are the ground truth the fused kernels are tested against: a per-expert loop that
+reads like the paper (DeepSeek-V3 technical report, section 2.1.2).
+Legend: T = tokens, D = hidden size, E = routed experts, I = expert intermediate size,
+K = experts per token, G = expert groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
+                 n_group: int, topk_group: int, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores, bias-corrected group-limited top-k.
+
+    router_logits [T, E] fp32; correction_bias [E] fp32.
+    Groups are ranked by the sum of their two best biased scores; experts are chosen from
+    the best `topk_group` groups by biased score; their weights are the unbiased scores,
+    normalized to sum 1 if `norm_topk_prob`, then scaled by `routed_scaling_factor`.
+    Returns (weights [T, K] fp32, expert ids [T, K] int64).
+    """
+    scores = router_logits.float().sigmoid()
+    biased = scores + correction_bias.float()
+    n_tokens, n_experts = scores.shape
+    grouped = biased.view(n_tokens, n_group, n_experts // n_group)
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, G]
+    best_groups = group_scores.topk(topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(n_tokens, n_experts)
+    ids = biased.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts, one expert at a time.
+
+    x [T, D]; w13 [E, 2I, D] (gate rows, then up rows); w2 [E, D, I];
+    weights [T, K] fp32; ids [T, K] int64. Returns [T, D] in x's dtype:
+    sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k].
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    inter = w2.shape[-1]
+    for expert in ids.unique().tolist():
+        token, slot = (ids == expert).nonzero(as_tuple=True)
+        h = x[token] @ w13[expert].t()
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = h @ w2[expert].t()
+        out.index_add_(0, token, y.float() * weights[token, slot, None])
+    return out.to(x.dtype)
