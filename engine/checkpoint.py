@@ -1,0 +1,142 @@
+"""Writing DeepSeek-V3 checkpoints in the Hugging Face layout: random weights for the demo
+model and the tests, and the original FP8 block format (e4m3 weights with one fp32
+`weight_scale_inv` per 128x128 block, as DeepSeek released V3 and R1).
+
+Everything here is deterministic: the same config and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def hf_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a DeepSeek-V3 checkpoint (without MTP layers) and its shape."""
+    d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    c, qr = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], d),
+                                          "model.norm.weight": (d,), "lm_head.weight": (cfg["vocab_size"], d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        a = p + "self_attn."
+        if qr:
+            shapes.update({a + "q_a_proj.weight": (qr, d), a + "q_a_layernorm.weight": (qr,),
+                           a + "q_b_proj.weight": (h * (nope + rope), qr)})
+        else:
+            shapes[a + "q_proj.weight"] = (h * (nope + rope), d)
+        shapes.update({a + "kv_a_proj_with_mqa.weight": (c + rope, d), a + "kv_a_layernorm.weight": (c,),
+                       a + "kv_b_proj.weight": (h * (nope + v), c), a + "o_proj.weight": (d, h * v)})
+        if i < cfg["first_k_dense_replace"]:
+            shapes.update(_mlp_shapes(p + "mlp.", d, cfg["intermediate_size"]))
+            continue
+        shapes[p + "mlp.gate.weight"] = (cfg["n_routed_experts"], d)
+        shapes[p + "mlp.gate.e_score_correction_bias"] = (cfg["n_routed_experts"],)
+        for e in range(cfg["n_routed_experts"]):
+            shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", d, cfg["moe_intermediate_size"]))
+        if cfg.get("n_shared_experts"):
+            shapes.update(_mlp_shapes(p + "mlp.shared_experts.", d, cfg["moe_intermediate_size"] * cfg["n_shared_experts"]))
+    return shapes
+
+
+def _mlp_shapes(prefix: str, d: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (inter, d), prefix + "up_proj.weight": (inter, d),
+            prefix + "down_proj.weight": (d, inter)}
+
+
+def random_weights(cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights scaled so activations stay O(1) through the layers (1/sqrt(fan_in)).
+
+    Norm weights sit near 1, the routing bias is small and non-zero so that it changes
+    some expert choices, and the router and its bias are fp32 as in the released models.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in hf_tensor_shapes(cfg).items():
+        if name.endswith("e_score_correction_bias"):
+            t = torch.rand(shape, generator=gen) * 0.1
+        elif name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        tensors[name] = t.to(torch.float32 if keep_fp32 else dtype).contiguous()
+    return tensors
+
+
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (float8_e4m3fn [O, I], weight_scale_inv [ceil(O/bo), ceil(I/bi)] fp32).
+
+    Each block is scaled so its largest magnitude maps to 448; dequantization multiplies
+    the block by its weight_scale_inv.
+    """
+    bo, bi = block
+    o, i = w.shape
+    padded = torch.zeros(-(-o // bo) * bo, -(-i // bi) * bi)
+    padded[:o, :i] = w.float()
+    blocks = padded.view(padded.shape[0] // bo, bo, padded.shape[1] // bi, bi)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / FP8_MAX
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view_as(padded)[:o, :i].contiguous(), scale_inv.contiguous()
+
+
+def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Inverse of `fp8_block_quantize`, in fp32: q [O, I] e4m3, scale_inv [O/bo, I/bi]."""
+    o, i = q.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:o].repeat_interleave(block[1], 1)[:, :i]
+    return q.float() * scale
+
+
+def is_fp8_quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """Linear weights inside the decoder layers, as in DeepSeek's FP8 release: not the
+    embeddings, head, norms or router."""
+    return (tensor.dim() == 2 and name.startswith("model.layers.") and name.endswith("proj.weight")
+            and ".gate.weight" not in name)
+
+
+def to_fp8_checkpoint(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Converts a checkpoint to DeepSeek's FP8 block format: returns (config, tensors)."""
+    out = {}
+    for name, t in tensors.items():
+        if is_fp8_quantizable(name, t):
+            out[name], out[name + "_scale_inv"] = fp8_block_quantize(t)
+        else:
+            out[name] = t
+    cfg = dict(cfg, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]})
+    return cfg, out
+
+
+def write_checkpoint(out_dir: str | Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     shards: int = 1) -> Path:
+    """Writes config.json and the weights, one file or `shards` files with an index."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    names = sorted(tensors)
+    weight_map = {}
+    for k in range(shards):
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k::shards]}
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,135 @@
+"""Loading a DeepSeek-V3 checkpoint directory into `DeepseekV3ForCausalLM`.
+
+Reads safetensors (one file, or shards listed by `model.safetensors.index.json`), casts
+to the serving dtype, dequantizes DeepSeek's FP8 block format at load, stacks the
+per-expert tensors into the MoE layer's w13 / w2, and skips the multi-token-prediction
+layers (indices >= num_hidden_layers). Every failure is a `CheckpointError` that names
+the file or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from engine.checkpoint import fp8_block_dequantize
+from engine.model import CheckpointError, DeepseekV3ForCausalLM, ModelConfig
+
+_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto`: the checkpoint's dtype on a GPU; fp32 on the CPU, where bf16 matmuls are
+    emulated on most processors and gain nothing but rounding."""
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        name = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "bfloat16"
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the index but missing")
+    return files
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
+               attention: str = "torch", progress: bool = True) -> DeepseekV3ForCausalLM:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory")
+    cfg = ModelConfig.from_dir(model_dir)
+    dev = torch.device(device)
+    model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention)
+    _Filler(model, cfg).fill(checkpoint_files(model_dir), progress)
+    return model.eval()
+
+
+class _Filler:
+    """Copies checkpoint tensors into the model's parameters, and checks none is missed."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.params = dict(model.named_parameters())
+        self.pending = set(self.params)
+        self.expert_rows_left = {n: cfg.n_routed_experts * 3 for n in self.params if n.endswith(".w13")}
+
+    def fill(self, files: list[Path], progress: bool) -> None:
+        with tqdm(desc="loading weights", unit="tensor", disable=not progress) as bar:
+            for path in files:
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        names = list(f.keys())
+                        bar.total = (bar.total or 0) + len(names)
+                        for name in names:
+                            if not name.endswith("_scale_inv"):
+                                self._load(name, f, names)
+                            bar.update()
+                except SafetensorError as exc:
+                    raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        if "lm_head.weight" in self.pending and self.cfg.tie_word_embeddings:
+            self.params["lm_head.weight"].copy_(self.params["model.embed_tokens.weight"])
+            self.pending.discard("lm_head.weight")
+        if self.pending:
+            missing = sorted(self.pending)
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, first: {missing[0]}")
+
+    def _load(self, name: str, f, names: list[str]) -> None:
+        layer = _LAYER.match(name)
+        if layer and int(layer.group(1)) >= self.cfg.num_hidden_layers:
+            return  # multi-token-prediction layer: not used for plain decoding yet
+        tensor = f.get_tensor(name)
+        if name + "_scale_inv" in names:
+            tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size)
+        expert = _EXPERT.fullmatch(name)
+        if expert:
+            self._load_expert(name, expert, tensor)
+            return
+        if name not in self.params:
+            raise CheckpointError(f"unexpected tensor {name} in checkpoint")
+        self._copy(name, self.params[name], tensor)
+        self.pending.discard(name)
+
+    def _load_expert(self, name: str, match: re.Match, tensor: torch.Tensor) -> None:
+        prefix, e, kind = match.group(1), int(match.group(2)), match.group(3)
+        if e >= self.cfg.n_routed_experts:
+            raise CheckpointError(f"unexpected tensor {name}: expert {e} >= n_routed_experts")
+        inter = self.cfg.moe_intermediate_size
+        if kind == "down":
+            target = self.params[prefix + ".w2"][e]
+        else:
+            rows = slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
+            target = self.params[prefix + ".w13"][e, rows]
+        self._copy(name, target, tensor)
+        w13 = prefix + ".w13"
+        self.expert_rows_left[w13] -= 1
+        if not self.expert_rows_left[w13]:
+            self.pending -= {w13, prefix + ".w2"}
+
+    @staticmethod
+    def _copy(name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor.to(target.dtype))
