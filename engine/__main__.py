@@ -1,0 +1,74 @@
+"""Command line: `python -m engine demo-model|generate ...`.
+
+Bad input (not a checkpoint, an inconsistent config, a tensor of the wrong shape, a
+truncated file) prints one `error:` line and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.model import CheckpointError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine", description="moeserve engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo-model", help="write the small random-weight demo checkpoint")
+    demo.add_argument("--out", type=Path, required=True, help="directory to write")
+    gen = sub.add_parser("generate", help="generate a continuation offline")
+    gen.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    gen.add_argument("--device", default="cpu")
+    return p
+
+
+def _demo_model(args: argparse.Namespace) -> None:
+    from engine.demo import build_demo_model
+    print(f"demo model written to {build_demo_model(args.out)}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from engine.loader import load_model
+    from engine.offline import generate
+    from engine.tokenizer import Tokenizer
+
+    if args.max_tokens < 1:
+        raise CheckpointError("--max-tokens must be at least 1")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    try:
+        tok = Tokenizer.from_dir(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    if args.chat:
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = [tok.bos_id] + tok.encode(args.prompt)
+    result = generate(model, prompt, args.max_tokens, args.temperature, args.seed, frozenset({tok.eos_id}))
+    print(tok.decode(result.token_ids, skip_special_tokens=True))
+    print(f"[{len(prompt)} prompt tokens, {len(result.token_ids)} generated; prefill "
+          f"{len(prompt) / result.prefill_seconds:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s]",
+          file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"demo-model": _demo_model, "generate": _generate}[args.command](args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
