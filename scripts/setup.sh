@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# Already installed for this pyproject.toml: nothing to do.
+[ .venv/.installed -nt pyproject.toml ] && exit 0
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
@@ -13,3 +15,4 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 else
     pip install -e ".[dev,gpu]"
 fi
+touch .venv/.installed
