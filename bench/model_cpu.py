@@ -58,7 +58,8 @@ def ours_decode(model, batch: int, context: int) -> float:
 
 def hf_prefill(ref, n: int) -> float:
     ids = torch.randint(2, 1000, (1, n))
-    return timed(lambda: ref(ids, logits_to_keep=1), 3)
+    with torch.no_grad():
+        return timed(lambda: ref(ids, logits_to_keep=1), 3)
 
 
 def hf_decode(ref, context: int) -> float:
@@ -79,15 +80,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_demo_model(Path(tmp) / "demo")
-        model = load_model(path, dtype="float32", progress=False)
+        model = load_model(path, dtype=args.dtype, progress=False)
         from transformers import DeepseekV3ForCausalLM
-        ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        print(f"device cpu, {torch.get_num_threads()} threads, fp32, model {path}")
+        ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype)).eval()
+        print(f"device cpu, {torch.get_num_threads()} threads, {args.dtype}, model {path}")
         with torch.inference_mode():
             for n in (128, 512, 2048):
                 ours, theirs = ours_prefill(model, n), hf_prefill(ref, n)

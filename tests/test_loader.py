@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.attention import MLAPath
 from engine.checkpoint import fp8_block_dequantize, fp8_block_quantize, random_weights, to_fp8_checkpoint, write_checkpoint
-from engine.loader import load_model
+from engine.loader import cpu_has_native_bf16, load_model
 from engine.model import CheckpointError
 from helpers import LORA_YARN, PLAIN_ONE_GROUP, contiguous_meta
 
@@ -84,7 +84,8 @@ def test_bf16_checkpoint_casts_to_requested_dtype(tmp_path):
     model = load_model(path, "bfloat16", progress=False)
     assert model.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
     assert model.model.layers[3].mlp.gate.weight.dtype == torch.float32  # the router stays fp32
-    assert load_model(path, "auto", progress=False).dtype == torch.float32  # auto on the CPU
+    native = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert load_model(path, "auto", progress=False).dtype == native
     logits = prefill_logits(model, PROMPTS)
     assert torch.isfinite(logits).all()
 
