@@ -80,7 +80,8 @@ def test_mtp_layers_are_skipped(tmp_path):
 
 
 def test_bf16_checkpoint_casts_to_requested_dtype(tmp_path):
-    path = write_checkpoint(tmp_path, PLAIN_ONE_GROUP, random_weights(PLAIN_ONE_GROUP, dtype=torch.bfloat16))
+    cfg = dict(PLAIN_ONE_GROUP, torch_dtype="bfloat16")
+    path = write_checkpoint(tmp_path, cfg, random_weights(cfg, dtype=torch.bfloat16))
     model = load_model(path, "bfloat16", progress=False)
     assert model.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
     assert model.model.layers[3].mlp.gate.weight.dtype == torch.float32  # the router stays fp32
