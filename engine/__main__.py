@@ -29,7 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     gen.add_argument("--device", default="cpu")
+    _serve_args(sub.add_parser("serve", help="serve the model over gRPC"))
     return p
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--served-model-name", default="", help="the model name clients see (default: the directory name)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context length (default: the model's, capped by the cache)")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB", help="KV cache size in GiB")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--chat-template", type=Path, help="a Jinja chat template file replacing the checkpoint's")
+    p.add_argument("--no-prefix-caching", action="store_true")
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -60,10 +78,40 @@ def _generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import logging
+
+    import torch
+
+    from engine.loader import load_model
+    from engine.server import ServeConfig, serve
+    from engine.tokenizer import Tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, device, args.served_model_name,
+                          args.max_model_len, args.kv_cache_memory, args.max_num_seqs, args.max_num_batched_tokens,
+                          args.max_waiting, args.block_size, str(args.chat_template) if args.chat_template else None,
+                          not args.no_prefix_caching)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = load_model(args.model, dtype=args.dtype, device=device)
+    try:
+        tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        asyncio.run(serve(cfg, model, tokenizer))
+    except ValueError as exc:  # sizing errors found once the model is known
+        raise CheckpointError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"demo-model": _demo_model, "generate": _generate}[args.command](args)
+        {"demo-model": _demo_model, "generate": _generate, "serve": _serve}[args.command](args)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -137,6 +137,10 @@ class Tokenizer:
         """Number of token ids including added special tokens (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def added_tokens(self) -> list[str]:
+        """Tokens matched as whole strings before BPE (special ones and `<think>`-like ones)."""
+        return [t.content for t in self._backend.get_added_tokens_decoder().values()]
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -59,3 +59,15 @@ def contiguous_meta(query_lens, seq_lens, block_size: int, blocks_per_seq: int, 
         for pos in range(s - q, s):
             slots.append(int(tables[i, pos // block_size]) * block_size + pos % block_size)
     return AttentionMetadata(tuple(query_lens), tuple(seq_lens), tables, torch.tensor(slots), num_decodes, path)
+
+
+# A tiny model with the real tokenizer, for engine and server tests: fast steps, real text.
+SERVING = dict(LORA_YARN, vocab_size=129280, num_hidden_layers=2, kv_lora_rank=128, qk_rope_head_dim=32,
+               max_position_embeddings=4096)
+
+
+def make_serving_checkpoint(path: Path, cfg: dict[str, Any] = SERVING) -> Path:
+    from engine.tokenizer import write_demo_tokenizer
+    make_checkpoint(path, cfg, seed=11)
+    write_demo_tokenizer(path)
+    return path

@@ -1,0 +1,64 @@
+"""Starts `python -m engine serve` as a real process on a free port, for the gRPC tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from moeserve.engine.v1 import engine_pb2 as pb
+from moeserve.engine.v1 import engine_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EngineProcess:
+    def __init__(self, model: Path, *flags: str, threads: int | None = 1) -> None:
+        """threads: torch's CPU threads in the engine (None: torch's default, all cores)."""
+        cmd = [sys.executable, "-m", "engine", "serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", "0", "--dtype", "float32", "--device", "cpu", *flags]
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.log: list[str] = []
+        self.port = self._wait_for_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_for_port(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("engine exited early:\n" + "".join(self.log))
+            self.log.append(line)
+            match = re.search(r"engine serving \S+ on [\d.]+:(\d+)", line)
+            if match:
+                return int(match.group(1))
+        raise TimeoutError("engine did not start:\n" + "".join(self.log))
+
+    def stub(self) -> pb_grpc.EngineStub:
+        return pb_grpc.EngineStub(grpc.insecure_channel(self.address))
+
+    def aio_stub(self) -> pb_grpc.EngineStub:
+        return pb_grpc.EngineStub(grpc.aio.insecure_channel(self.address))
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.stdout.close()
+
+
+def chat(text: str, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)]),
+                              sampling=pb.SamplingParameters(**sampling))
+
+
+def tokens(ids: list[int], **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(**sampling))
