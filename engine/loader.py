@@ -20,7 +20,6 @@ from tqdm import tqdm
 from engine.checkpoint import fp8_block_dequantize
 from engine.model import CheckpointError, DeepseekV3ForCausalLM, ModelConfig
 
-_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -62,25 +61,29 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
-               attention: str = "torch", progress: bool = True) -> DeepseekV3ForCausalLM:
+               attention: str = "auto", progress: bool = True) -> DeepseekV3ForCausalLM:
+    """attention "auto": the fast backend for the device ("cpu" on CPUs); "torch" is the reference."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory")
     cfg = ModelConfig.from_dir(model_dir)
     dev = torch.device(device)
+    if attention == "auto":
+        attention = "cpu" if dev.type == "cpu" else "torch"
     model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention)
     _Filler(model, cfg).fill(checkpoint_files(model_dir), progress)
+    model.finish_loading()
     return model.eval()
 
 
 class _Filler:
-    """Copies checkpoint tensors into the model's parameters, and checks none is missed."""
+    """Copies checkpoint tensors into the model (see `checkpoint_slots`), and checks that
+    every slot is filled exactly from a tensor of the right shape."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, cfg: ModelConfig) -> None:
         self.cfg = cfg
-        self.params = dict(model.named_parameters())
-        self.pending = set(self.params)
-        self.expert_rows_left = {n: cfg.n_routed_experts * 3 for n in self.params if n.endswith(".w13")}
+        self.slots = model.checkpoint_slots()
+        self.pending = set(self.slots)
 
     def fill(self, files: list[Path], progress: bool) -> None:
         with tqdm(desc="loading weights", unit="tensor", disable=not progress) as bar:
@@ -96,46 +99,23 @@ class _Filler:
                 except SafetensorError as exc:
                     raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         if "lm_head.weight" in self.pending and self.cfg.tie_word_embeddings:
-            self.params["lm_head.weight"].copy_(self.params["model.embed_tokens.weight"])
+            self.slots["lm_head.weight"].copy_(self.slots["model.embed_tokens.weight"])
             self.pending.discard("lm_head.weight")
         if self.pending:
             missing = sorted(self.pending)
-            raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, first: {missing[0]}")
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first: {missing[0]}")
 
     def _load(self, name: str, f, names: list[str]) -> None:
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= self.cfg.num_hidden_layers:
             return  # multi-token-prediction layer: not used for plain decoding yet
+        if name not in self.slots:
+            raise CheckpointError(f"unexpected tensor {name} in checkpoint")
         tensor = f.get_tensor(name)
         if name + "_scale_inv" in names:
             tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size)
-        expert = _EXPERT.fullmatch(name)
-        if expert:
-            self._load_expert(name, expert, tensor)
-            return
-        if name not in self.params:
-            raise CheckpointError(f"unexpected tensor {name} in checkpoint")
-        self._copy(name, self.params[name], tensor)
-        self.pending.discard(name)
-
-    def _load_expert(self, name: str, match: re.Match, tensor: torch.Tensor) -> None:
-        prefix, e, kind = match.group(1), int(match.group(2)), match.group(3)
-        if e >= self.cfg.n_routed_experts:
-            raise CheckpointError(f"unexpected tensor {name}: expert {e} >= n_routed_experts")
-        inter = self.cfg.moe_intermediate_size
-        if kind == "down":
-            target = self.params[prefix + ".w2"][e]
-        else:
-            rows = slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
-            target = self.params[prefix + ".w13"][e, rows]
-        self._copy(name, target, tensor)
-        w13 = prefix + ".w13"
-        self.expert_rows_left[w13] -= 1
-        if not self.expert_rows_left[w13]:
-            self.pending -= {w13, prefix + ".w2"}
-
-    @staticmethod
-    def _copy(name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        target = self.slots[name]
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor.to(target.dtype))
+        self.pending.discard(name)

@@ -18,9 +18,16 @@ CONFIGS = {"qlora-yarn-4groups": LORA_YARN, "plain-q-1group": PLAIN_ONE_GROUP}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param], seed=7)
-    return load_model(path, dtype="float32", progress=False), hf_model(path)
+    return path, hf_model(path)
+
+
+@pytest.fixture(scope="module", params=["torch", "cpu"])
+def pair(request, checkpoint):
+    """(our model on the reference or the CPU attention backend, the transformers model)."""
+    path, ref = checkpoint
+    return load_model(path, dtype="float32", attention=request.param, progress=False), ref
 
 
 def random_prompts(lengths, vocab, seed=0):

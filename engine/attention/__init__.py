@@ -12,4 +12,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
     if name == "torch":
         from .torch_backend import TorchAttention
         return TorchAttention()
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "cpu":
+        from .cpu_backend import CpuAttention
+        return CpuAttention()
+    raise ValueError(f"unknown attention backend {name!r} (available: torch, cpu)")

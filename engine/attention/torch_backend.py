@@ -15,7 +15,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int)
     """cache [N, B, C]; block_table [M] int32 -> the sequence's first seq_len rows [S, C]."""
     block_size = cache.shape[1]
     n_blocks = -(-seq_len // block_size)
-    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:seq_len]
+    return cache.index_select(0, block_table[:n_blocks].long()).flatten(0, 1)[:seq_len]
 
 
 def _causal_softmax(scores: torch.Tensor, seq_len: int) -> torch.Tensor:

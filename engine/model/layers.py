@@ -10,20 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_gemm import PackedWeight
+
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 class Linear(nn.Module):
-    """y = x W^T, W [out, in]."""
+    """y = x W^T, W [out, in]. `pack()` switches to a prepacked CPU GEMM where one exists."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
+        self.packed: PackedWeight | None = None
+
+    def pack(self) -> None:
+        self.packed = PackedWeight.of(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.packed(x) if self.packed is not None else F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -40,13 +46,23 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts.
+
+    gate_proj and up_proj are one [2I, D] matrix (one GEMM instead of two); the checkpoint's
+    separate tensors fill its two halves.
+    """
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, dtype, device)
-        self.up_proj = Linear(hidden, inter, dtype, device)
+        self.inter = inter
+        self.gate_up_proj = Linear(hidden, 2 * inter, dtype, device)
         self.down_proj = Linear(inter, hidden, dtype, device)
 
+    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+        w = self.gate_up_proj.weight
+        return {prefix + "gate_proj.weight": w[: self.inter], prefix + "up_proj.weight": w[self.inter:],
+                prefix + "down_proj.weight": self.down_proj.weight}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

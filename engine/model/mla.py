@@ -30,23 +30,43 @@ class MLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, d = cfg.num_attention_heads, cfg.hidden_size
+        # Both down-projections read x: one [q_lora_rank + C + R, D] GEMM (q_lora_rank 0 without q LoRA).
+        self.q_rank = cfg.q_lora_rank or 0
+        self.fused_a_proj = Linear(d, self.q_rank + cfg.kv_cache_dim, dtype, device)
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(d, cfg.q_lora_rank, dtype, device)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
             self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, dtype, device)
         else:
             self.q_proj = Linear(d, h * cfg.qk_head_dim, dtype, device)
-        self.kv_a_proj_with_mqa = Linear(d, cfg.kv_cache_dim, dtype, device)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, device)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, device)
         self.o_proj = Linear(h * cfg.v_head_dim, d, dtype, device)
+        self.w_uk: torch.Tensor | None = None  # set by absorb_weights once the weights are loaded
+        self.w_uv_t: torch.Tensor | None = None
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        else:
-            q = self.q_proj(x)
-        return q.view(x.shape[0], self.cfg.num_attention_heads, self.cfg.qk_head_dim)  # [T, H, Dn + R]
+    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The checkpoint's q_a_proj and kv_a_proj_with_mqa fill rows of fused_a_proj."""
+        w = self.fused_a_proj.weight
+        slots = {prefix + "kv_a_proj_with_mqa.weight": w[self.q_rank:]}
+        if self.q_rank:
+            slots[prefix + "q_a_proj.weight"] = w[: self.q_rank]
+        for name, param in self.named_parameters():
+            if not name.startswith("fused_a_proj."):
+                slots[prefix + name] = param
+        return slots
+
+    def _queries(self, x: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; q_a [T, q_lora_rank] -> q [T, H, Dn + R]."""
+        q = self.q_b_proj(self.q_a_layernorm(q_a)) if self.q_rank else self.q_proj(x)
+        return q.view(x.shape[0], self.cfg.num_attention_heads, self.cfg.qk_head_dim)
+
+    def absorb_weights(self) -> None:
+        """After loading: W_UK [H, Dn, C] and W_UV^T [H, C, Dv], contiguous and fp32, so decode
+        folds them in with two small batched GEMMs instead of slicing kv_b_proj each step."""
+        w = self._kv_b().float()
+        nope = self.cfg.qk_nope_head_dim
+        self.w_uk = w[:, :nope].contiguous()
+        self.w_uv_t = w[:, nope:].transpose(1, 2).contiguous()
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj's weight as [H, Dn + Dv, C]."""
@@ -56,10 +76,9 @@ class MLA(nn.Module):
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """x [T, D]; rope = (cos, sin) [T, R/2]; cache [N, B, C + R] for this layer. Returns [T, D]."""
         cfg = self.cfg
-        q = self._queries(x)
-        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_a, latent, k_pe = self.fused_a_proj(x).split([self.q_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = self._queries(x, q_a).split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, *rope)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         backend.write_kv(cache, self.kv_a_layernorm(latent), apply_rope(k_pe, *rope), meta)
 
         out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim)  # [T, H, Dv]
@@ -77,8 +96,8 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                   meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """q_nope [T, H, Dn], q_pe [T, H, R] -> [T, H, Dv] through the latent space."""
-        w = self._kv_b()
-        w_uk, w_uv = w[:, : self.cfg.qk_nope_head_dim], w[:, self.cfg.qk_nope_head_dim:]
-        q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, H, C]
-        o_latent = backend.absorbed(q_latent, q_pe, cache, meta, self.cfg.softmax_scale)  # [T, H, C]
-        return torch.einsum("thc,hvc->thv", o_latent, w_uv)
+        if self.w_uk is None:
+            raise RuntimeError("MLA.absorb_weights() must run once the weights are loaded (finish_loading)")
+        q_latent = torch.bmm(q_nope.float().transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C] fp32
+        o_latent = backend.absorbed(q_latent, q_pe.float(), cache, meta, self.cfg.softmax_scale)  # [T, H, C]
+        return torch.bmm(o_latent.float().transpose(0, 1), self.w_uv_t).transpose(0, 1).to(q_nope.dtype)

@@ -18,7 +18,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, get_attention_
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, empty_param
 from .mla import MLA
-from .moe import MoE
+from .moe import MoE, RoutedExperts
 from .rope import RotaryEmbedding
 
 
@@ -54,6 +54,36 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device)
         self.attention: AttentionBackend = get_attention_backend(attention)
+
+    def checkpoint_slots(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor name (Hugging Face layout) -> the tensor it is copied into.
+
+        Mostly parameters by their own name; fused and stacked parameters (MLA's fused
+        down-projection, gate+up, the routed experts) expose the slices the checkpoint's
+        separate tensors fill.
+        """
+        slots, covered = {}, set()
+        for prefix, module in self.named_modules():
+            if module is not self and hasattr(module, "checkpoint_slots"):
+                slots.update(module.checkpoint_slots(prefix + "."))
+                covered.update(f"{prefix}.{name}" for name, _ in module.named_parameters())
+        for name, param in self.named_parameters():
+            if name not in covered:
+                slots[name] = param
+        return slots
+
+    def finish_loading(self) -> None:
+        """Derives what the forward pass precomputes from the loaded weights: MLA's absorbed
+        matrices, and on a bf16 CPU prepacked GEMM weights and dense small-batch MoE."""
+        for layer in self.model.layers:
+            layer.self_attn.absorb_weights()
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return
+        for name, module in self.named_modules():
+            if isinstance(module, Linear) and not name.endswith("kv_b_proj"):  # kv_b_proj is only read as a matrix
+                module.pack()
+            if isinstance(module, RoutedExperts):
+                module.use_dense_for_small_batches()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         """The paged cache for every layer: [L, N, B, kv_lora_rank + rope dim], zeroed."""

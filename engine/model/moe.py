@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.moe_cpu import DENSE_MAX_TOKENS, DenseExperts
 from kernels.moe_ref import grouped_topk, moe_reference
 
 from .config import ModelConfig
@@ -40,8 +41,25 @@ class RoutedExperts(nn.Module):
         e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
         self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
+        self.dense: DenseExperts | None = None
+
+    def use_dense_for_small_batches(self) -> None:
+        """After loading: small batches compute every expert in two GEMMs (see moe_cpu)."""
+        self.dense = DenseExperts(self.w13, self.w2)
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The checkpoint's per-expert tensors fill slices of the stacked weights."""
+        inter, slots = self.w2.shape[-1], {}
+        for e in range(self.w13.shape[0]):
+            p = f"{prefix}{e}."
+            slots[p + "gate_proj.weight"] = self.w13[e, :inter]
+            slots[p + "up_proj.weight"] = self.w13[e, inter:]
+            slots[p + "down_proj.weight"] = self.w2[e]
+        return slots
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] <= DENSE_MAX_TOKENS:
+            return self.dense(x, weights, ids)
         return moe_reference(x, self.w13, self.w2, weights, ids)
 
 

@@ -1,0 +1,53 @@
+"""Paged MLA attention for CPU serving: decode batches in one padded computation.
+
+The reference (`torch_backend.TorchAttention`) loops over sequences; at decode that costs a
+few small ops per sequence and layer. Here the step's decode sequences are gathered once
+into a padded [S, M*B, C] context per layer and scored with two batched GEMMs, with the
+padding masked out. The gather index and mask are built once per step in `plan`. Prefill
+chunks and the naive form still go through the reference.
+
+Legend: S = decode sequences, L = padded context length, H = heads, C = latent + rope dims.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionMetadata
+from .torch_backend import TorchAttention
+
+
+FP32_MAX_ROWS = 4096  # context rows (sequences x padded length) below which decode attention runs in fp32
+
+
+class CpuAttention(TorchAttention):
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self._plans.clear()
+
+    def _decode_plan(self, meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids [S, M] int64, padding mask [S, 1, L] bool), shared by every layer."""
+        key = (meta.seq_lens, meta.block_tables.data_ptr())
+        if key not in self._plans:
+            longest = max(meta.seq_lens)
+            blocks = meta.block_tables[:, : -(-longest // block_size)].long()
+            pos = torch.arange(blocks.shape[1] * block_size, device=blocks.device)
+            lens = torch.tensor(meta.seq_lens, device=blocks.device)
+            self._plans[key] = blocks, (pos[None, :] >= lens[:, None])[:, None, :]
+        return self._plans[key]
+
+    def absorbed(self, q_latent, q_pe, cache, meta, scale):
+        if any(q != 1 for q in meta.query_lens):
+            return super().absorbed(q_latent, q_pe, cache, meta, scale)
+        blocks, pad = self._decode_plan(meta, cache.shape[1])
+        ctx = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, cache.shape[-1])  # [S, L, C]
+        if ctx.shape[0] * ctx.shape[1] <= FP32_MAX_ROWS:
+            ctx = ctx.float()  # small bf16 GEMMs cost more in oneDNN's weight reorder than in math
+        q = torch.cat((q_latent, q_pe), dim=-1) * scale  # [S, H, C]
+        scores = torch.bmm(q.to(ctx.dtype), ctx.transpose(1, 2)).float()  # [S, H, L]
+        probs = scores.masked_fill_(pad, float("-inf")).softmax(dim=-1).to(ctx.dtype)
+        return torch.bmm(probs, ctx[..., : q_latent.shape[-1]]).to(q_latent.dtype)  # [S, H, Ckv]
