@@ -82,12 +82,13 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--engine-flags", default="", help="extra flags for engine serve")
+    ap.add_argument("--engine-threads", type=int, default=None, help="OMP threads of the engine (default: torch's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(Path(tmp) / "bench", BENCH_CONFIG, random_weights(BENCH_CONFIG, 3, torch.bfloat16))
         write_demo_tokenizer(path)
         engine = EngineProcess(path, "--dtype", "bfloat16", "--max-model-len", "1024", "--kv-cache-memory", "1",
-                               *args.engine_flags.split(), threads=None)
+                               *args.engine_flags.split(), threads=args.engine_threads)
         try:
             asyncio.run(measure_engine(engine, 4, 1, seed=1))  # warm-up
             ours = {c: asyncio.run(measure_engine(engine, c, args.requests_per_client, seed=c)) for c in (1, 16)}

@@ -82,30 +82,30 @@ def _serve(args: argparse.Namespace) -> None:
     import asyncio
     import logging
 
-    import torch
-
-    from engine.loader import load_model
-    from engine.server import ServeConfig, serve
+    from engine.async_engine import EngineStartError
+    from engine.engine_process import ServeConfig
+    from engine.model import ModelConfig
+    from engine.server import serve
     from engine.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ModelConfig.from_dir(args.model)  # a bad checkpoint fails here, before the engine process starts
     try:
-        cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, device, args.served_model_name,
-                          args.max_model_len, args.kv_cache_memory, args.max_num_seqs, args.max_num_batched_tokens,
-                          args.max_waiting, args.block_size, str(args.chat_template) if args.chat_template else None,
-                          not args.no_prefix_caching)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    model = load_model(args.model, dtype=args.dtype, device=device)
-    try:
+        cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, _device(args.device),
+                          args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
+                          args.max_num_batched_tokens, args.max_waiting, args.block_size,
+                          str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
-    except (FileNotFoundError, ValueError) as exc:
+        asyncio.run(serve(cfg, tokenizer))
+    except (ValueError, FileNotFoundError, EngineStartError) as exc:
         raise CheckpointError(str(exc)) from None
-    try:
-        asyncio.run(serve(cfg, model, tokenizer))
-    except ValueError as exc:  # sizing errors found once the model is known
-        raise CheckpointError(str(exc)) from None
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ so a bad request never disturbs the others.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequest
@@ -39,6 +38,36 @@ class EngineConfig:
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+
+def check_request(req: EngineRequest, config: EngineConfig, vocab_size: int) -> int:
+    """Validates req against the model and cache; returns its effective max_tokens.
+
+    Pure, so the serving front end can refuse a bad request before it reaches the loop.
+    """
+    n_prompt, limit = len(req.prompt_ids), config.max_model_len
+    if not n_prompt:
+        raise InvalidRequest("prompt", "the prompt is empty")
+    if n_prompt >= limit:
+        raise InvalidRequest("prompt", f"the prompt has {n_prompt} tokens; the context holds {limit}, "
+                                       "and at least one must be left to generate")
+    bad = [t for t in req.prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest("token_ids", f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    if any(not 0 <= t < vocab_size for t, _ in req.params.logit_bias):
+        raise InvalidRequest("logit_bias", f"token ids must be in [0, {vocab_size})")
+    max_tokens = min(req.params.max_tokens, limit - n_prompt)
+    if -(-(n_prompt + max_tokens) // config.block_size) > config.num_blocks:
+        raise InvalidRequest("max_tokens", f"prompt + max_tokens ({n_prompt + max_tokens}) exceeds the KV cache "
+                                           f"({config.capacity_tokens} tokens)")
+    return max_tokens
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    used_blocks: int
 
 
 class _SeqState:
@@ -79,24 +108,7 @@ class EngineCore:
     # -- admission ------------------------------------------------------------------
 
     def check(self, req: EngineRequest) -> int:
-        """Validates req against this model; returns its effective max_tokens."""
-        n_prompt, limit = len(req.prompt_ids), self.config.max_model_len
-        if not n_prompt:
-            raise InvalidRequest("prompt", "the prompt is empty")
-        if n_prompt >= limit:
-            raise InvalidRequest("prompt", f"the prompt has {n_prompt} tokens; the context holds {limit}, "
-                                           "and at least one must be left to generate")
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest("token_ids", f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-        if any(not 0 <= t < vocab for t, _ in req.params.logit_bias):
-            raise InvalidRequest("logit_bias", f"token ids must be in [0, {vocab})")
-        max_tokens = min(req.params.max_tokens, limit - n_prompt)
-        if self.kv.blocks_needed(n_prompt + max_tokens) > self.config.num_blocks:
-            raise InvalidRequest("max_tokens", f"prompt + max_tokens ({n_prompt + max_tokens}) exceeds the KV cache "
-                                               f"({self.config.capacity_tokens} tokens)")
-        return max_tokens
+        return check_request(req, self.config, self.model.cfg.vocab_size)
 
     def add(self, req: EngineRequest) -> None:
         if req.request_id in self.requests:
@@ -202,6 +214,6 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def stats(self) -> dict[str, int]:
-        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "used_blocks": self.config.num_blocks - self.kv.num_free_blocks, "now": int(time.time())}
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                           self.config.num_blocks - self.kv.num_free_blocks)

@@ -8,7 +8,10 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses the engine process boundary
+        return InvalidRequest, (self.field, self.message)
 
 
 class QueueFull(RuntimeError):

@@ -17,6 +17,7 @@ from moeserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineDead, InvalidRequest, QueueFull
 from engine.sampling_params import MAX_LOGPROBS
+from engine.tokenizer import Tokenizer
 
 from .convert import ResponseBuilder, request_from_proto, stream_to_proto
 
@@ -57,13 +58,11 @@ def maps_stream_errors(method):
 
 
 class EngineServicer(pb_grpc.EngineServicer):
-    def __init__(self, engine: AsyncEngine, served_model_name: str) -> None:
-        self.engine = engine
-        self.core = engine.core
-        self.name = served_model_name
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, served_model_name: str) -> None:
+        self.engine, self.tokenizer, self.name = engine, tokenizer, served_model_name
 
     def _request(self, msg: pb.GenerateRequest):
-        return request_from_proto(msg, self.core.tokenizer, self.core.config.max_model_len)
+        return request_from_proto(msg, self.tokenizer, self.engine.info.config.max_model_len)
 
     @maps_stream_errors
     async def StreamGenerate(self, request, context):
@@ -80,13 +79,13 @@ class EngineServicer(pb_grpc.EngineServicer):
 
     @maps_errors
     async def GetModelInfo(self, request, context):
-        cfg, stats = self.core.config, self.engine.stats()
-        model = self.core.model
+        info, stats = self.engine.info, self.engine.stats()
+        cfg = info.config
         return pb.ModelInfo(
-            served_model_name=self.name, max_model_len=cfg.max_model_len, vocab_size=model.cfg.vocab_size,
+            served_model_name=self.name, max_model_len=cfg.max_model_len, vocab_size=info.vocab_size,
             capabilities=pb.Capabilities(chat=True, tools=True, reasoning=True, logprobs=True,
                                          max_top_logprobs=MAX_LOGPROBS),
             kv_cache=pb.KvCacheInfo(block_size=cfg.block_size, total_blocks=cfg.num_blocks, used_blocks=stats.used_blocks,
                                     capacity_tokens=cfg.capacity_tokens),
-            dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
+            dtype=info.dtype, device=info.device,
             max_num_seqs=cfg.scheduler.max_num_seqs, waiting_requests=stats.waiting, running_requests=stats.running)
