@@ -17,7 +17,7 @@ from .base import AttentionMetadata
 from .torch_backend import TorchAttention
 
 
-FP32_MAX_ROWS = 4096  # context rows (sequences x padded length) below which decode attention runs in fp32
+FP32_MAX_ROWS = 4096  # context rows (sequences x padded length) up to which decode attention runs in fp32
 
 
 class CpuAttention(TorchAttention):
@@ -46,8 +46,9 @@ class CpuAttention(TorchAttention):
         blocks, pad = self._decode_plan(meta, cache.shape[1])
         ctx = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, cache.shape[-1])  # [S, L, C]
         if ctx.shape[0] * ctx.shape[1] <= FP32_MAX_ROWS:
-            ctx = ctx.float()  # small bf16 GEMMs cost more in oneDNN's weight reorder than in math
+            ctx = ctx.float()  # small bf16 batched GEMMs cost more in oneDNN's setup than in math
         q = torch.cat((q_latent, q_pe), dim=-1) * scale  # [S, H, C]
         scores = torch.bmm(q.to(ctx.dtype), ctx.transpose(1, 2)).float()  # [S, H, L]
         probs = scores.masked_fill_(pad, float("-inf")).softmax(dim=-1).to(ctx.dtype)
-        return torch.bmm(probs, ctx[..., : q_latent.shape[-1]]).to(q_latent.dtype)  # [S, H, Ckv]
+        # Reduce over the whole row and drop the rope part after: cheaper than copying ctx's latent half.
+        return torch.bmm(probs, ctx)[..., : q_latent.shape[-1]].to(q_latent.dtype)  # [S, H, Ckv]
