@@ -270,3 +270,42 @@ def test_full_queue_is_resource_exhausted(model_dir):
         assert sum(1 for r in results if isinstance(r, pb.GenerateResponse)) == 2
     finally:
         assert tiny.stop() == 0
+
+
+def test_stop_string_cuts_the_text_and_is_reported(stub):
+    full = stub.Generate(tokens([0, 21, 22, 23], max_tokens=24, temperature=0, ignore_eos=True)).choices[0]
+    assert len(full.text) > 12
+    stop = full.text[8:12]
+    first = full.text.index(stop)
+    cut = stub.Generate(tokens([0, 21, 22, 23], max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])).choices[0]
+    assert cut.text == full.text[:first]
+    assert cut.finish_reason == pb.FINISH_REASON_STOP and cut.matched_stop == stop
+
+
+def test_seeded_sample_does_not_depend_on_batch_companions(engine, stub):
+    seeded = tokens([0, 40, 41, 42], max_tokens=16, temperature=1.0, top_p=0.9, seed=77, ignore_eos=True)
+    alone = list(stub.Generate(seeded).choices[0].token_ids)
+
+    async def crowded():
+        aio = engine.aio_stub()
+        others = [aio.Generate(tokens([0, 50 + i], max_tokens=16, temperature=1.0, ignore_eos=True)) for i in range(8)]
+        mine = aio.Generate(seeded)
+        results = await asyncio.gather(mine, *others)
+        return list(results[0].choices[0].token_ids)
+    assert asyncio.run(crowded()) == alone
+
+
+def test_serve_with_a_broken_checkpoint_exits_2_with_one_line(model_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    result = subprocess.run([sys.executable, "-m", "engine", "serve", "--model", str(broken), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not a readable safetensors file" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -75,6 +76,17 @@ class AttentionMetadata:
 
     def token_range(self, start: int, stop: int) -> slice:
         return slice(sum(self.query_lens[:start]), sum(self.query_lens[:stop]))
+
+    @cached_property
+    def forms(self) -> tuple[tuple[slice, "AttentionMetadata", bool], ...]:
+        """The step split by MLA form, once per step: (token rows, sub-batch, absorbed?) for
+        the absorbed sequences (decodes under AUTO) and then the naive ones, omitting empty parts."""
+        n_seqs = len(self.query_lens)
+        n = {MLAPath.AUTO: self.num_decodes, MLAPath.ABSORBED: n_seqs, MLAPath.NAIVE: 0}[self.path]
+        parts = [(self.token_range(0, n), self.sequences(0, n), True)] if n else []
+        if n < n_seqs:
+            parts.append((self.token_range(n, n_seqs), self.sequences(n, n_seqs), False))
+        return tuple(parts)
 
 
 class AttentionBackend(ABC):

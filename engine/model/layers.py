@@ -39,9 +39,8 @@ class RMSNorm(nn.Module):
         self.weight = empty_param(dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim]: normalized in fp32, scaled by the weight in x's dtype."""
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        """x [..., dim]: normalized in fp32, scaled by the weight in x's dtype (as the reference)."""
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * normed.to(x.dtype)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata, MLAPath
+from engine.attention import AttentionBackend, AttentionMetadata
 
 from .config import ModelConfig
 from .layers import Linear, RMSNorm
@@ -72,26 +72,27 @@ class MLA(nn.Module):
         """kv_b_proj's weight as [H, Dn + Dv, C]."""
         return self.kv_b_proj.weight.view(self.cfg.num_attention_heads, -1, self.cfg.kv_lora_rank)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        """x [T, D]; rope = (cos, sin) [T, R/2]; cache [N, B, C + R] for this layer. Returns [T, D]."""
+        """x [T, D]; rope [T, R/2] complex64; cache [N, B, C + R] for this layer. Returns [T, D]."""
         cfg = self.cfg
         q_a, latent, k_pe = self.fused_a_proj(x).split([self.q_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q_nope, q_pe = self._queries(x, q_a).split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, *rope)
-        backend.write_kv(cache, self.kv_a_layernorm(latent), apply_rope(k_pe, *rope), meta)
+        # one rotation for the queries' rope parts and the shared rope key (as an extra head)
+        pe = apply_rope(torch.cat((q_pe, k_pe[:, None]), dim=1), rope)
+        q_pe, k_pe = pe[:, :-1], pe[:, -1]
+        backend.write_kv(cache, self.kv_a_layernorm(latent), k_pe, meta)
 
-        out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim)  # [T, H, Dv]
-        n_absorbed = {MLAPath.AUTO: meta.num_decodes, MLAPath.ABSORBED: len(meta.query_lens),
-                      MLAPath.NAIVE: 0}[meta.path]
-        if n_absorbed:
-            rows = meta.token_range(0, n_absorbed)
-            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], cache, meta.sequences(0, n_absorbed), backend)
-        if n_absorbed < len(meta.query_lens):
-            rows = meta.token_range(n_absorbed, len(meta.query_lens))
-            sub = meta.sequences(n_absorbed, len(meta.query_lens))
-            out[rows] = backend.naive(q_nope[rows], q_pe[rows], cache, self._kv_b(), sub, cfg.softmax_scale)
-        return self.o_proj(out.flatten(1))
+        out = None
+        for rows, sub, absorbed in meta.forms:
+            part = (self._absorbed(q_nope[rows], q_pe[rows], cache, sub, backend) if absorbed else
+                    backend.naive(q_nope[rows], q_pe[rows], cache, self._kv_b(), sub, cfg.softmax_scale))
+            if len(meta.forms) == 1:
+                out = part
+            else:
+                out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim) if out is None else out
+                out[rows] = part
+        return self.o_proj(out.flatten(1))  # [T, H * Dv] -> [T, D]
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                   meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:

@@ -47,17 +47,14 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, self.attention_factor = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64 -> (cos, sin), each [T, R/2] fp32."""
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [T] int64 -> rotations [T, R/2] complex64 (attention_factor * e^(i angle))."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved pairs. x [T, H, R] or [T, R]; cos, sin [T, R/2] fp32. Keeps x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [..., R/2, 2]
-    if x.dim() == 3:
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs as complex numbers. x [T, H, R]; rotations [T, R/2] complex64.
+    Keeps x's dtype."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [T, H, R/2]
+    return torch.view_as_real(pairs * rotations[:, None, :]).flatten(-2).to(x.dtype)
