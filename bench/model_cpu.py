@@ -10,9 +10,7 @@ paged); our decode is also measured at larger batches through the paged cache.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,19 +18,9 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.demo import build_demo_model
 from engine.loader import load_model
+from timing import timed  # bench/ is on sys.path when a script there runs
 
 BLOCK = 64
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def paged_meta(q_lens: list[int], s_lens: list[int], blocks_per_seq: int, num_decodes: int) -> AttentionMetadata:

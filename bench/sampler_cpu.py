@@ -10,13 +10,12 @@ penalties over a 1024-token prompt and 256 generated tokens. Prints microseconds
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from engine.sampler import Sampler, SamplingRow, make_generator
 from engine.sampling_params import SamplingParams
+from timing import timed  # bench/ is on sys.path when a script there runs
 
 BATCH, PROMPT_LEN, OUTPUT_LEN = 16, 1024, 256
 
@@ -26,17 +25,6 @@ SCENARIOS = {
     "penalties": SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1, frequency_penalty=0.3,
                                 presence_penalty=0.3),
 }
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def naive(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
