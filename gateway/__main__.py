@@ -1,0 +1,99 @@
+"""Command line: `python -m gateway serve --engine HOST:PORT[,HOST:PORT...] ...`.
+
+A bad flag or file prints one `error:` line and exits 2. When listening, prints
+`gateway serving on http://HOST:PORT` (the real port when --port is 0) and serves until
+SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, GatewayConfig, parse_engine_address, read_keys_file
+from gateway.pricing import PriceBook, PricesError, load_prices
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m gateway", description="moeserve gateway: OpenAI-compatible HTTP API over gRPC engines")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    s.add_argument("--engine", required=True, action="append", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="engine replicas (repeatable, or comma-separated)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY", help="an accepted API key (repeatable)")
+    s.add_argument("--api-keys-file", type=Path, metavar="FILE", help="accepted API keys, one per line")
+    s.add_argument("--no-auth", action="store_true", help="serve without API keys (never on a public address)")
+    s.add_argument("--prices", type=Path, metavar="FILE", help="prices per model (JSON; see README)")
+    s.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body")
+    s.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between health checks of a ready engine")
+    s.add_argument("--max-backoff", type=float, default=5.0, metavar="SECONDS",
+                   help="longest wait between checks of an engine that is down")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    engines = tuple(parse_engine_address(a) for flag in args.engine for a in flag.split(",") if a.strip())
+    keys = tuple(args.api_key) + (read_keys_file(args.api_keys_file) if args.api_keys_file else ())
+    try:
+        prices = load_prices(args.prices) if args.prices else PriceBook()
+    except PricesError as exc:
+        raise ConfigError(f"--prices: {exc}") from None
+    return GatewayConfig(engines, args.host, args.port, keys, args.no_auth, prices, args.max_body_bytes,
+                         args.health_interval, args.max_backoff)
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    app = await build_app(cfg)
+    # handler_cancellation: a client that disconnects cancels its handler, and so its gRPC call.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    host, port = runner.addresses[0][:2]
+    print(f"gateway serving on http://{host}:{port} (engines: {', '.join(cfg.engines)})", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config_from_args(args)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The aiohttp application: routes, and the middleware at the edge (request id, errors,
+metrics, authentication).
+
+Routes: chat completions and completions under /v1 and the hosted provider's /v1/openai;
+models; /health (200 only while an engine is ready); /metrics. /health and /metrics
+need no key; everything under /v1 needs `Authorization: Bearer KEY` unless the gateway
+runs with --no-auth. Every error leaves as OpenAI's error shape; nothing leaks a trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError, internal
+from gateway.generate import resolve_model
+from gateway.handlers import chat_completions, completions
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.pool import EnginePool, ModelCard
+from gateway.state import SERVICES, Services, services
+
+log = logging.getLogger(__name__)
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
+    where = f"{request.method} {request.path}"
+    if exc.status == 404:
+        return ApiError(404, f"Unknown path: {where}", code="unknown_url")
+    if exc.status == 405:
+        return ApiError(405, f"Method not allowed: {where}", code="method_not_allowed",
+                        headers={"Allow": exc.headers.get("Allow", "")})
+    if exc.status == 413:
+        return ApiError(413, "The request body is too large", code="request_too_large")
+    return ApiError(exc.status, exc.reason or "HTTP error", code=None)
+
+
+def _error_response(err: ApiError, request_id: str) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers={**err.headers, "X-Request-Id": request_id})
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def edge(request: web.Request, handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request["request_id"] = given if REQUEST_ID.match(given) else f"req-{uuid.uuid4().hex}"
+    start = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        response = _error_response(err, request["request_id"])
+    except web.HTTPException as exc:
+        response = _error_response(_http_error(request, exc), request["request_id"])
+    except ConnectionResetError:
+        raise
+    except Exception:  # noqa: BLE001 - logged with its trace here, answered without it
+        log.exception("%s unexpected error", request["request_id"])
+        response = _error_response(internal(), request["request_id"])
+    if not response.prepared:
+        response.headers.setdefault("X-Request-Id", request["request_id"])
+    m = services(request).metrics
+    m.requests.inc(1, route=_route(request), status=str(response.status))
+    m.duration.observe(time.perf_counter() - start, route=_route(request))
+    return response
+
+
+def _authorized(header: str, keys: tuple[bytes, ...]) -> bool:
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode()
+    ok = False
+    for key in keys:  # every key compared, in constant time each
+        ok |= hmac.compare_digest(key, given)
+    return scheme.lower() == "bearer" and bool(given) and ok
+
+
+@web.middleware
+async def auth(request: web.Request, handler) -> web.StreamResponse:
+    keys = services(request).api_keys
+    if keys and request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        if not header:
+            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer KEY'",
+                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not _authorized(header, keys):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def _model_json(card: ModelCard) -> dict:
+    return {"id": card.name, "object": "model", "created": card.created, "owned_by": "moeserve",
+            "max_model_len": card.max_model_len}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    cards = services(request).pool.models().values()
+    return web.json_response({"object": "list", "data": [_model_json(c) for c in cards]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(_model_json(resolve_model(services(request).pool, request.match_info["model"])))
+
+
+async def health(request: web.Request) -> web.Response:
+    pool = services(request).pool
+    ready = len(pool.ready_replicas())
+    body = {"status": "ok" if ready else "unavailable", "engines_ready": ready, "engines": len(pool.replicas)}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = services(request)
+    return web.Response(body=s.metrics.render(s.pool).encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/v1", "/v1/openai"):
+        app.router.add_post(prefix + "/chat/completions", chat_completions)
+        app.router.add_post(prefix + "/completions", completions)
+        app.router.add_get(prefix + "/models", list_models)
+        app.router.add_get(prefix + "/models/{model:.+}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+
+async def build_app(cfg: GatewayConfig) -> web.Application:
+    """Must run inside the event loop that serves the app (the pool's gRPC channels bind to it)."""
+    pool = EnginePool(cfg.engines, cfg.health_interval, cfg.max_backoff)
+    app = web.Application(middlewares=[edge, auth], client_max_size=cfg.max_body_bytes)
+    app[SERVICES] = Services(pool, cfg.prices, GatewayMetrics(), tuple(k.encode() for k in cfg.api_keys),
+                             cfg.max_body_bytes)
+    add_routes(app)
+
+    async def start_pool(_app: web.Application) -> None:
+        await pool.start()
+
+    async def close_pool(_app: web.Application) -> None:
+        await pool.close()
+    app.on_startup.append(start_pool)
+    app.on_cleanup.append(close_pool)
+    return app
