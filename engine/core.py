@@ -56,7 +56,12 @@ def check_request(req: EngineRequest, config: EngineConfig, vocab_size: int) -> 
         raise InvalidRequest("token_ids", f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
     if any(not 0 <= t < vocab_size for t, _ in req.params.logit_bias):
         raise InvalidRequest("logit_bias", f"token ids must be in [0, {vocab_size})")
-    max_tokens = min(req.params.max_tokens, limit - n_prompt)
+    max_tokens = req.params.max_tokens
+    if max_tokens is None:
+        max_tokens = limit - n_prompt
+    elif n_prompt + max_tokens > limit:
+        raise InvalidRequest("max_tokens", f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
+                                           f"the context ({limit} tokens)")
     if -(-(n_prompt + max_tokens) // config.block_size) > config.num_blocks:
         raise InvalidRequest("max_tokens", f"prompt + max_tokens ({n_prompt + max_tokens}) exceeds the KV cache "
                                            f"({config.capacity_tokens} tokens)")
@@ -192,18 +197,23 @@ class EngineCore:
         delta.tool_calls += text.tool_calls
 
     def _output(self, request_id: str, deltas: list[ChoiceDelta]) -> RequestOutput:
-        _, states = self.requests[request_id]
+        req, states = self.requests[request_id]
         if all(st.seq.finished for st in states):
             return self._finish_request(request_id, deltas)
-        return RequestOutput(request_id, deltas)
+        return RequestOutput(request_id, deltas, prompt=self._prompt_usage(req, states))
+
+    @staticmethod
+    def _prompt_usage(req: EngineRequest, states: list[_SeqState]) -> tuple[int, int]:
+        """(prompt tokens, of which served from the prefix cache at the first admission)."""
+        return len(req.prompt_ids), max(states[0].seq.num_cached_prompt_tokens, 0)
 
     def _finish_request(self, request_id: str, deltas: list[ChoiceDelta]) -> RequestOutput:
         req, states = self.requests.pop(request_id)
-        first = states[0].seq
-        usage = Usage(prompt_tokens=len(req.prompt_ids), cached_prompt_tokens=max(first.num_cached_prompt_tokens, 0),
+        prompt, cached = self._prompt_usage(req, states)
+        usage = Usage(prompt_tokens=prompt, cached_prompt_tokens=cached,
                       completion_tokens=sum(len(st.seq.output_ids) for st in states),
                       reasoning_tokens=sum(st.reasoning_tokens for st in states))
-        return RequestOutput(request_id, deltas, finished=True, usage=usage)
+        return RequestOutput(request_id, deltas, finished=True, usage=usage, prompt=(prompt, cached))
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
         """After an internal error: ends every request with that error, frees every block."""

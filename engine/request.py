@@ -73,3 +73,4 @@ class RequestOutput:
     finished: bool = False
     usage: Usage | None = None
     error: Exception | None = None
+    prompt: tuple[int, int] | None = None  # (prompt tokens, cached prompt tokens), on every output

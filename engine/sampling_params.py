@@ -18,7 +18,7 @@ MAX_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the end of the context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -36,7 +36,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+               f"must be at least 1, got {self.max_tokens}")
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
         _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
                f"must be >= 0, got {self.temperature}")

@@ -309,3 +309,20 @@ def test_serve_with_a_broken_checkpoint_exits_2_with_one_line(model_dir, tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not a readable safetensors file" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_max_tokens_past_the_context_is_refused_not_clamped(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(tokens(list(range(10, 1010)), max_tokens=100))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("max_tokens:") and "exceeds the context (1024 tokens)" in err.value.details()
+    unset = stub.Generate(tokens(list(range(10, 1010)), temperature=0, ignore_eos=True))
+    assert unset.usage.completion_tokens == 1024 - 1000  # unset: up to the end of the context
+
+
+def test_first_stream_message_carries_the_prompt_counts(stub):
+    prompt = list(range(600, 640))
+    chunks = list(stub.StreamGenerate(tokens(prompt, max_tokens=3, temperature=0)))
+    assert chunks[0].HasField("prompt") and chunks[0].prompt.prompt_tokens == 40
+    assert not any(c.HasField("prompt") for c in chunks[1:])
+    assert chunks[-1].usage.prompt_tokens == 40

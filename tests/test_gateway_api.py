@@ -385,6 +385,9 @@ def test_invalid_fields_get_400_naming_the_param(gateway, request_, param, code)
     ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello " * 2100}]}, "messages"),
     ("/completions", {**COMPLETION, "prompt": list(range(10, 2045)), "max_tokens": 16}, "prompt"),
     ("/completions", {**COMPLETION, "prompt": "hello " * 2100}, "prompt"),
+    # a text prompt that fits but leaves fewer tokens than max_tokens asks for (the engine knows its length)
+    ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello " * 1500}], "max_tokens": 1000},
+     "max_tokens"),
 ])
 def test_prompt_and_max_tokens_beyond_the_context_are_refused(gateway, path, body, param):
     status, _, raw = http("POST", gateway.base_url + path, body)

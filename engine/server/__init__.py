@@ -23,7 +23,13 @@ SERVICE = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 
 def build_server(engine: AsyncEngine, tokenizer: Tokenizer, name: str,
                  address: str) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 64 << 20),
+        # let clients (the gateway) detect a hung engine with keepalive pings, even when idle
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ])
     engine_pb2_grpc.add_EngineServicer_to_server(EngineServicer(engine, tokenizer, name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,11 +21,11 @@ FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASO
 THINK_OPEN = "<think>"
 
 
-def sampling_from_proto(msg: pb.GenerateRequest, max_model_len: int) -> SamplingParams:
+def sampling_from_proto(msg: pb.GenerateRequest) -> SamplingParams:
     s = msg.sampling
     opt = lambda name, default: getattr(s, name) if s.HasField(name) else default  # noqa: E731
     return SamplingParams(
-        max_tokens=opt("max_tokens", max_model_len), temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0),
+        max_tokens=opt("max_tokens", None), temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0),
         top_k=opt("top_k", -1), min_p=opt("min_p", 0.0), presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty, repetition_penalty=opt("repetition_penalty", 1.0),
         logit_bias=tuple(sorted(s.logit_bias.items())), seed=opt("seed", None), stop=tuple(s.stop),
@@ -67,8 +67,8 @@ def _tools(chat: pb.ChatInput) -> list[dict] | None:
     return tools
 
 
-def request_from_proto(msg: pb.GenerateRequest, tokenizer: Tokenizer, max_model_len: int) -> EngineRequest:
-    params = sampling_from_proto(msg, max_model_len)
+def request_from_proto(msg: pb.GenerateRequest, tokenizer: Tokenizer) -> EngineRequest:
+    params = sampling_from_proto(msg)
     rid = msg.request_id or f"req-{uuid.uuid4().hex}"
     kind = msg.WhichOneof("input")
     if kind is None:
@@ -107,10 +107,12 @@ def delta_to_proto(d: ChoiceDelta) -> pb.ChoiceDelta:
         matched_stop=d.matched_stop)
 
 
-def stream_to_proto(out: RequestOutput) -> pb.GenerateStreamResponse:
+def stream_to_proto(out: RequestOutput, first: bool) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(request_id=out.request_id, choices=[delta_to_proto(d) for d in out.choices])
     if out.usage is not None:
         msg.usage.CopyFrom(usage_to_proto(out.usage))
+    if first and out.prompt is not None:
+        msg.prompt.prompt_tokens, msg.prompt.cached_prompt_tokens = out.prompt
     return msg
 
 

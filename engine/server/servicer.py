@@ -62,12 +62,14 @@ class EngineServicer(pb_grpc.EngineServicer):
         self.engine, self.tokenizer, self.name = engine, tokenizer, served_model_name
 
     def _request(self, msg: pb.GenerateRequest):
-        return request_from_proto(msg, self.tokenizer, self.engine.info.config.max_model_len)
+        return request_from_proto(msg, self.tokenizer)
 
     @maps_stream_errors
     async def StreamGenerate(self, request, context):
+        first = True
         async for out in self.engine.generate(self._request(request)):
-            yield stream_to_proto(out)
+            yield stream_to_proto(out, first)
+            first = False
 
     @maps_errors
     async def Generate(self, request, context):
