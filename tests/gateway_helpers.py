@@ -46,8 +46,14 @@ def free_port() -> int:
 
 
 def drain(proc: subprocess.Popen, log: list[str]) -> threading.Thread:
-    """Keeps reading a child's output into `log` so that it never blocks on a full pipe."""
-    thread = threading.Thread(target=lambda: log.extend(iter(proc.stdout.readline, "")), daemon=True)
+    """Keeps reading a child's output into `log` so that it never blocks on a full pipe,
+    until the pipe ends or is closed by the process's stop()."""
+    def read() -> None:
+        try:
+            log.extend(iter(proc.stdout.readline, ""))
+        except (ValueError, OSError):  # closed under us by stop()
+            pass
+    thread = threading.Thread(target=read, daemon=True)
     thread.start()
     return thread
 
