@@ -78,7 +78,7 @@ def _generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> None:
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
-        asyncio.run(serve(cfg, tokenizer))
+        return asyncio.run(serve(cfg, tokenizer))
     except (ValueError, FileNotFoundError, EngineStartError) as exc:
         raise CheckpointError(str(exc)) from None
 
@@ -111,11 +111,11 @@ def _device(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"demo-model": _demo_model, "generate": _generate, "serve": _serve}[args.command](args)
+        code = {"demo-model": _demo_model, "generate": _generate, "serve": _serve}[args.command](args)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from engine.core import EngineStats, check_request
 from engine.engine_process import EngineInfo, ServeConfig, engine_main
@@ -30,8 +30,9 @@ class EngineStartError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, cfg: ServeConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ServeConfig, on_death: Callable[[], None] = lambda: None) -> None:
+        """on_death: called (on the event loop) if the engine process exits unasked."""
+        self.cfg, self._on_death = cfg, on_death
         ctx = mp.get_context("spawn")
         self._inbox = ctx.Queue()
         self._outbox, child_end = ctx.Pipe(duplex=False)
@@ -62,15 +63,16 @@ class AsyncEngine:
             return "failed", f"the engine process exited (code {self._process.exitcode})"
 
     async def stop(self) -> None:
+        """Asks the engine to exit (it finishes nothing further) and waits for it."""
+        try:  # its pipe closing now is expected, not a death
+            asyncio.get_running_loop().remove_reader(self._outbox.fileno())
+        except (ValueError, OSError):
+            pass
         if self._process.is_alive():
             self._inbox.put(None)
             await asyncio.to_thread(self._process.join, 30)
         if self._process.is_alive():
             self._process.kill()
-        try:
-            asyncio.get_running_loop().remove_reader(self._outbox.fileno())
-        except (ValueError, OSError):
-            pass
 
     def stats(self) -> EngineStats:
         return self.latest
@@ -123,3 +125,4 @@ class AsyncEngine:
         error = EngineDead(f"the engine process exited (code {self._process.exitcode})")
         for rid, stream in self._streams.items():
             stream.put_nowait(RequestOutput(rid, [], finished=True, error=error))
+        self._on_death()

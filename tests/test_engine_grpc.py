@@ -326,3 +326,28 @@ def test_first_stream_message_carries_the_prompt_counts(stub):
     assert chunks[0].HasField("prompt") and chunks[0].prompt.prompt_tokens == 40
     assert not any(c.HasField("prompt") for c in chunks[1:])
     assert chunks[-1].usage.prompt_tokens == 40
+
+
+def test_engine_process_death_fails_requests_and_exits_nonzero(model_dir):
+    import os
+    import signal
+    import subprocess
+    proc = EngineProcess(model_dir, "--max-model-len", "512")
+    try:
+        child = int(subprocess.run(["pgrep", "-P", str(proc.proc.pid), "-f", "spawn_main"], capture_output=True,
+                                   text=True).stdout.split()[0])
+
+        async def run():
+            call = proc.aio_stub().Generate(tokens([0, 4, 5], max_tokens=400, ignore_eos=True, temperature=0))
+            await asyncio.sleep(0.5)
+            os.kill(child, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as err:
+                await call
+            return err.value.code()
+        assert asyncio.run(run()) == grpc.StatusCode.UNAVAILABLE
+        assert proc.proc.wait(timeout=30) == 1
+    finally:
+        if proc.proc.poll() is None:
+            proc.stop()
+        else:
+            proc.proc.stdout.close()

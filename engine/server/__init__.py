@@ -38,11 +38,14 @@ def build_server(engine: AsyncEngine, tokenizer: Tokenizer, name: str,
     return server, port, health_servicer
 
 
-async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> None:
-    """Starts the engine process, then serves until SIGINT/SIGTERM.
+async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> int:
+    """Starts the engine process, then serves until SIGINT/SIGTERM (returns 0) or until the
+    engine process dies (returns 1, after failing the requests in flight), so that a
+    supervisor restarts the service instead of leaving a server without an engine.
 
     Raises EngineStartError when the engine cannot load the model."""
-    engine = AsyncEngine(cfg)
+    stop = asyncio.Event()
+    engine = AsyncEngine(cfg, on_death=stop.set)
     await engine.start()
     name = cfg.served_model_name or cfg.model.rstrip("/").split("/")[-1]
     server, port, health_servicer = build_server(engine, tokenizer, name, f"{cfg.host}:{cfg.port}")
@@ -51,7 +54,6 @@ async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> None:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d", name, cfg.host, port)
     print(f"engine serving {name} on {cfg.host}:{port}", flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -64,3 +66,4 @@ async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> None:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         await engine.stop()
+    return 1 if engine.dead is not None else 0
