@@ -1,0 +1,272 @@
+"""Triton kernels against their torch references: token-to-expert alignment, grouped top-k
+routing, and the fused FP4 MoE (NVFP4 and MXFP4 weights dequantized in registers).
+
+Each test runs on two backends:
+- "interpreter": the Triton interpreter on CPU tensors, with fp32 dots (its bf16 tl.dot is
+  wrong). Where no CUDA GPU is present, the `kernels` fixture sets TRITON_INTERPRET=1 for
+  this file's tests only and imports the kernel modules under it.
+- "cuda": the same kernels compiled natively, bf16 dots; skipped without a CUDA GPU.
+Shapes are small so the interpreter finishes fast; tolerances are stated per backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernels.fp4 import quantize_mxfp4, quantize_nvfp4
+from kernels.moe_ref import grouped_topk
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_MODULES = ("kernels.triton_align", "kernels.triton_routing", "kernels.triton_fused_moe")
+
+
+@pytest.fixture(scope="module")
+def kernels() -> SimpleNamespace:
+    """The kernel modules, built for the interpreter unless a CUDA GPU is present.
+
+    Triton reads TRITON_INTERPRET when @triton.jit runs (at import) and again in modules it
+    imports lazily at the first launch, so the variable stays set while this file's tests
+    run and is restored after them."""
+    with pytest.MonkeyPatch.context() as env:
+        if not torch.cuda.is_available():
+            env.setenv("TRITON_INTERPRET", "1")
+        # reload in dependency order in case another file imported them built the other way
+        modules = [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n)
+                   for n in KERNEL_MODULES]
+        yield SimpleNamespace(**{n.rsplit("_", 1)[-1]: m for n, m in zip(KERNEL_MODULES, modules)})
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def device(request, kernels) -> str:
+    if request.param == "interpreter":
+        if not kernels.moe.interpreted():
+            pytest.skip("kernels were compiled natively (a CUDA GPU is present); set TRITON_INTERPRET=1 "
+                        "for the interpreter variants")
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if kernels.moe.interpreted():
+        pytest.skip("TRITON_INTERPRET=1: the kernels were built for the interpreter")
+    return "cuda"
+
+
+def random_ids(tokens: int, top_k: int, experts: int, seed: int, only: int | None = None) -> torch.Tensor:
+    """[T, K] distinct experts per token, drawn from the first `only` experts if given."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = only or experts
+    return torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(tokens)])
+
+
+# --- token-to-expert alignment ------------------------------------------------------------
+
+ALIGN_CASES = {
+    "decode_top8_of_256": (1, 8, 256, 16, None),  # 248 experts empty, 8 with 1 slot < block
+    "batch_top8_of_256": (37, 8, 256, 16, None),
+    "two_chunks_few_experts": (300, 2, 4, 16, None),  # 600 slots > CHUNK, many blocks per expert
+    "skewed_big_block": (5, 2, 16, 64, 3),  # all slots on 3 of 16 experts
+}
+
+
+@pytest.mark.parametrize("case", ALIGN_CASES)
+def test_reference_alignment_puts_every_slot_once_in_a_block_of_its_expert(case, kernels):
+    tokens, top_k, experts, block_m, only = ALIGN_CASES[case]
+    ids = random_ids(tokens, top_k, experts, seed=3, only=only)
+    a = kernels.align.moe_align_block_size_ref(ids, experts, block_m)
+    used, slots = int(a.num_tokens_post_padded), tokens * top_k
+    assert used % block_m == 0 and used <= a.sorted_token_ids.numel()
+    real = a.sorted_token_ids[:used]
+    assert torch.equal(real[real < slots].sort().values, torch.arange(slots, dtype=torch.int32))
+    assert (a.sorted_token_ids[used:] == slots).all() and (a.expert_ids[used // block_m:] == -1).all()
+    block_expert = a.expert_ids[:used // block_m].long().repeat_interleave(block_m)
+    is_slot = real < slots
+    assert torch.equal(block_expert[is_slot], ids.flatten()[real[is_slot].long()])
+    assert (block_expert.diff() >= 0).all()  # experts in order, each run contiguous
+    counts = torch.bincount(ids.flatten(), minlength=experts)
+    assert torch.equal(torch.bincount(a.expert_ids[:used // block_m].long(), minlength=experts),
+                       (counts + block_m - 1) // block_m)  # no blocks for empty experts
+
+
+@pytest.mark.parametrize("case", ALIGN_CASES)
+def test_triton_alignment_equals_the_reference(case, kernels, device):
+    tokens, top_k, experts, block_m, only = ALIGN_CASES[case]
+    ids = random_ids(tokens, top_k, experts, seed=4, only=only).to(device)
+    got = kernels.align.moe_align_block_size(ids, experts, block_m)
+    want = kernels.align.moe_align_block_size_ref(ids, experts, block_m)
+    for name in ("sorted_token_ids", "expert_ids", "num_tokens_post_padded"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+# --- grouped top-k routing --------------------------------------------------------------------
+
+ROUTING_CASES = {
+    "deepseek_r1_top8_of_256_4_of_8_groups": (16, 256, 8, 4, 8, True, 2.5),
+    "one_group_no_renormalization": (5, 16, 1, 1, 4, False, 1.0),
+    "non_power_of_two_experts": (4, 12, 3, 2, 5, True, 1.5),
+    "groups_of_one_expert": (3, 8, 8, 2, 2, True, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES)
+def test_triton_routing_equals_grouped_topk(case, kernels, device):
+    tokens, experts, groups, topk_group, top_k, norm, scaling = ROUTING_CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    logits, bias = torch.randn(tokens, experts, generator=gen), torch.randn(experts, generator=gen) * 0.1
+    want_w, want_ids = grouped_topk(logits, bias, top_k, groups, topk_group, norm, scaling)
+    got_w, got_ids = kernels.routing.triton_grouped_topk(logits.to(device), bias.to(device), top_k, groups,
+                                                         topk_group, norm, scaling)
+    assert torch.equal(got_ids.cpu(), want_ids)  # same experts in the same (descending) order
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-5, atol=1e-6)  # fp32 on both backends
+
+
+def test_routing_refuses_a_configuration_that_cannot_choose_k_experts(kernels):
+    with pytest.raises(ValueError, match="cannot choose 9 of 16 experts"):
+        kernels.routing.triton_grouped_topk(torch.zeros(1, 16), torch.zeros(16), 9, 4, 2)
+
+
+# --- fused FP4 MoE ------------------------------------------------------------------------------
+
+# name: (tokens, hidden D, intermediate I, experts, top_k, format, x dtype, experts routed to)
+MOE_CASES = {
+    "empty_experts_fewer_slots_than_a_block": (3, 64, 32, 8, 2, "nvfp4", torch.float32, None),
+    "hidden_and_intermediate_not_multiples_of_the_tiles": (4, 80, 48, 8, 2, "nvfp4", torch.float32, None),
+    "several_blocks_per_expert": (24, 64, 32, 4, 2, "nvfp4", torch.float32, 2),
+    "mxfp4": (5, 96, 32, 16, 4, "mxfp4", torch.float32, None),
+    "bf16_activations_padded_intermediate": (4, 80, 40, 8, 2, "nvfp4", torch.bfloat16, None),
+}
+QUANTIZE = {"nvfp4": quantize_nvfp4, "mxfp4": quantize_mxfp4}
+
+
+def tolerance(device: str, dtype: torch.dtype) -> dict:
+    """Against the fp32 reference on the same dequantized weights; outputs are of size ~1.
+    Interpreter, fp32 dots: only the summation order differs (fp32 output), plus the output's
+    own rounding for bf16 (2^-8 relative: two ulps allowed). Native: bf16 dot operands, x
+    and h rounded to 8 significant bits (the dequantized weights are exact in bf16)."""
+    if device == "cpu":
+        return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    return dict(rtol=2e-2, atol=2e-2)
+
+
+def moe_inputs(tokens, hidden, inter, experts, top_k, fmt, dtype, only, device, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = QUANTIZE[fmt](torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5)
+    w2 = QUANTIZE[fmt](torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5)
+    weights = torch.rand(tokens, top_k, generator=gen)
+    ids = random_ids(tokens, top_k, experts, seed, only)
+    return x.to(device), to_device(w13, device), to_device(w2, device), weights.to(device), ids.to(device)
+
+
+def to_device(t, device: str):
+    """An NVFP4Tensor / MXFP4Tensor with its tensors on `device`."""
+    return dataclasses.replace(t, **{f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t)
+                                     if torch.is_tensor(getattr(t, f.name))})
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_fused_moe_fp4_equals_the_dequantized_reference(case, kernels, device):
+    *shape, dtype, only = MOE_CASES[case]
+    x, w13, w2, weights, ids = moe_inputs(*shape, dtype, only, device)
+    got = kernels.moe.fused_moe_fp4(x, w13, w2, weights, ids)
+    want = kernels.moe.fused_moe_fp4_reference(x.float(), w13, w2, weights, ids)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), want, **tolerance(device, dtype))
+
+
+@pytest.mark.parametrize("tiles", ["DECODE_CONFIG", "PREFILL_CONFIG"])
+def test_fused_moe_fp4_native_tile_sizes_give_the_same_result(tiles, kernels, device):
+    """The GPU's tile sizes (here under the interpreter too), with D and I below one tile."""
+    x, w13, w2, weights, ids = moe_inputs(6, 80, 48, 8, 2, "nvfp4", torch.float32, None, device)
+    got = kernels.moe.fused_moe_fp4(x, w13, w2, weights, ids, config=getattr(kernels.moe, tiles))
+    want = kernels.moe.fused_moe_fp4_reference(x, w13, w2, weights, ids)
+    torch.testing.assert_close(got, want, **tolerance(device, torch.float32))
+
+
+def test_fused_moe_fp4_with_deepseek_r1_routing_top8_of_256_in_4_of_8_groups(device, kernels):
+    """The whole Triton path (routing kernel, alignment, fused GEMMs) against grouped_topk and
+    the per-expert loop on the dequantized weights."""
+    tokens, hidden, inter, experts = 6, 64, 32, 256
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=gen)
+    logits, bias = torch.randn(tokens, experts, generator=gen), torch.randn(experts, generator=gen) * 0.1
+    w13 = quantize_nvfp4(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5)
+    w2 = quantize_nvfp4(torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5)
+    want = kernels.moe.fused_moe_fp4_reference(x, w13, w2, *grouped_topk(logits, bias, 8, 8, 4, True, 2.5))
+    weights, ids = kernels.routing.triton_grouped_topk(logits.to(device), bias.to(device), 8, 8, 4, True, 2.5)
+    got = kernels.moe.fused_moe_fp4(x.to(device), to_device(w13, device), to_device(w2, device), weights, ids)
+    torch.testing.assert_close(got.cpu(), want, **tolerance(device, torch.float32))
+
+
+def test_fused_moe_fp4_refuses_mismatched_weights(kernels):
+    x, w13, w2, weights, ids = moe_inputs(2, 64, 32, 4, 2, "nvfp4", torch.float32, None, "cpu")
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        kernels.moe.fused_moe_fp4(x[:, :32], w13, w2, weights, ids)
+    with pytest.raises(TypeError, match="both be NVFP4Tensor or both MXFP4Tensor"):
+        kernels.moe.fused_moe_fp4(x, w13, quantize_mxfp4(torch.randn(4, 64, 32)), weights, ids)
+    with pytest.raises(ValueError, match="weights and ids"):
+        kernels.moe.fused_moe_fp4(x, w13, w2, weights[:1], ids)
+
+
+def test_fused_moe_fp4_of_no_tokens_is_empty(kernels):
+    x, w13, w2, weights, ids = moe_inputs(2, 64, 32, 4, 2, "nvfp4", torch.float32, None, "cpu")
+    assert kernels.moe.fused_moe_fp4(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 64)
+
+
+# --- native compilation, no GPU needed --------------------------------------------------------
+
+POINTERS = {"x_ptr": "*bf16", "h_ptr": "*fp32", "gs_ptr": "*fp32", "rw_ptr": "*fp32", "y_ptr": "*fp32",
+            "logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64",
+            "w_ptr": "*u8", "s_ptr": "*u8", "stride_we": "i64", "scaling": "fp32"}  # any other: *i32 / i32
+
+
+def compile_natively(arch: int) -> list[str]:
+    """Compile every kernel with its native tiles for an NVIDIA arch (e.g. 90 = H100) with
+    Triton's bundled ptxas. Needs no GPU, but kernels built by @triton.jit without
+    TRITON_INTERPRET, so it runs in a fresh process. Returns the compiled variants."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import triton_align as a, triton_fused_moe as m, triton_routing as r
+
+    def build(kernel, num_warps=4, **constexprs) -> str:
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "*i32" if n.endswith("_ptr") else "i32")
+                     for n in names}
+        src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        return f"{kernel.__name__}{constexprs}"
+
+    built = [build(a._count_kernel, CHUNK=a.CHUNK, E_P2=256),
+             build(a._offsets_kernel, BLOCK_M=16, E_P2=256, BLOCKS=64),
+             build(a._scatter_kernel, CHUNK=a.CHUNK),
+             build(r._grouped_topk_kernel, E_P2=256, NUM_GROUPS=8, GROUP_SIZE=32, G_P2=8, TOPK_GROUP=4, TOP_K=8,
+                   K_P2=8, NORMALIZE=True)]
+    for cfg in (m.DECODE_CONFIG, m.PREFILL_CONFIG):
+        for group, e8m0 in ((16, False), (32, True)):
+            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP=group, E8M0=e8m0,
+                         DOT_FP32=False, num_warps=cfg.num_warps)
+            built += [build(m._gate_up_kernel, TOP_K=8, **tiles), build(m._down_kernel, **tiles)]
+    return built
+
+
+def test_kernels_compile_natively_for_hopper_with_bf16_dots(tmp_path):
+    """The native path (bf16 dots, DeepSeek-R1's 256 experts) compiles for sm_90 here too."""
+    from triton.compiler import ASTSource
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("needs the ASTSource(fn, signature, constexprs) compile API of recent triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    script = ("import sys; sys.path.insert(0, 'tests'); "
+              "from test_kernels_triton import compile_natively; print(len(compile_natively(90)))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "12"
