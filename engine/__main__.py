@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     gen.add_argument("--device", default="cpu")
+    _quantization_arg(gen)
     _serve_args(sub.add_parser("serve", help="serve the model over gRPC"))
     return p
 
@@ -48,6 +49,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--chat-template", type=Path, help="a Jinja chat template file replacing the checkpoint's")
     p.add_argument("--no-prefix-caching", action="store_true")
+    _quantization_arg(p)
+
+
+def _quantization_arg(p: argparse.ArgumentParser) -> None:
+    # No argparse `choices`: an unknown value is bad input like any other (one error line, exit 2).
+    p.add_argument("--quantization", default=None, metavar="{nvfp4,mxfp4}",
+                   help="quantize the routed experts to FP4 at load (an NVFP4 checkpoint needs none)")
 
 
 def _demo_model(args: argparse.Namespace) -> None:
@@ -62,7 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.max_tokens < 1:
         raise CheckpointError("--max-tokens must be at least 1")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     try:
         tok = Tokenizer.from_dir(args.model)
     except (FileNotFoundError, ValueError) as exc:
@@ -94,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, _device(args.device),
                           args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
-                          str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching)
+                          str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
+                          args.quantization)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
         return asyncio.run(serve(cfg, tokenizer))
     except (ValueError, FileNotFoundError, EngineStartError) as exc:

@@ -1,6 +1,7 @@
 """Writing DeepSeek-V3 checkpoints in the Hugging Face layout: random weights for the demo
-model and the tests, and the original FP8 block format (e4m3 weights with one fp32
-`weight_scale_inv` per 128x128 block, as DeepSeek released V3 and R1).
+model and the tests, the original FP8 block format (e4m3 weights with one fp32
+`weight_scale_inv` per 128x128 block, as DeepSeek released V3 and R1), and NVFP4 as NVIDIA
+ModelOpt exports it (as nvidia/DeepSeek-R1-FP4).
 
 Everything here is deterministic: the same config and seed give the same bytes.
 """
@@ -117,6 +118,38 @@ def to_fp8_checkpoint(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
             out[name] = t
     cfg = dict(cfg, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]})
+    return cfg, out
+
+
+def to_modelopt_nvfp4_checkpoint(cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                                 other_linears: bool = False) -> tuple[dict, dict]:
+    """Converts a checkpoint to NVFP4 as NVIDIA ModelOpt exports it: returns (config, tensors).
+
+    The routed experts are quantized (and, with `other_linears`, every other linear weight
+    inside the decoder layers: attention, dense MLPs, shared experts); each quantized `X.weight`
+    becomes uint8 [N, K/2] with `X.weight_scale` float8_e4m3fn [N, K/16], `X.weight_scale_2`
+    fp32 [] and `X.input_scale` fp32 [] (a placeholder 1.0: no activations are calibrated).
+    gate_proj and up_proj of one MLP share one weight_scale_2, as ModelOpt exports layers it
+    expects to be fused: they are quantized as one [2I, D] matrix.
+    """
+    from kernels.fp4 import quantize_nvfp4
+
+    out = {n: t for n, t in tensors.items()}
+    chosen = [n for n, t in tensors.items() if is_fp8_quantizable(n, t)
+              and (other_linears or (".mlp.experts." in n))]
+    for name in chosen:
+        if ".up_proj." in name:
+            continue  # quantized with its gate_proj
+        pair = [name, name.replace(".gate_proj.", ".up_proj.")] if ".gate_proj." in name else [name]
+        q = quantize_nvfp4(torch.cat([tensors[n].float() for n in pair]))
+        rows = tensors[name].shape[0]
+        for k, n in enumerate(pair):
+            part = slice(k * rows, (k + 1) * rows)
+            out[n], out[n + "_scale"] = q.packed[part].contiguous(), q.scale[part].contiguous()
+            out[n + "_scale_2"] = q.global_scale.clone()
+            out[n.removesuffix("weight") + "input_scale"] = torch.tensor(1.0)
+    cfg = dict(cfg, quantization_config={"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                         "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]})
     return cfg, out
 
 

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 
 from engine.core import EngineConfig, EngineCore, EngineStats
 from engine.errors import EngineDead
+from engine.model.fp4_experts import ExpertQuantization
 from engine.request import RequestOutput
 from engine.scheduler import SchedulerConfig
 
@@ -46,6 +47,7 @@ class ServeConfig:
     block_size: int = 16
     chat_template: str | None = None
     enable_prefix_caching: bool = True
+    quantization: str | None = None  # routed experts quantized at load: None, "nvfp4" or "mxfp4"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -55,6 +57,7 @@ class ServeConfig:
         if self.max_model_len < 0 or self.block_size < 1:
             raise ValueError("--max-model-len must be >= 0 and --block-size >= 1")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting)  # validates
+        ExpertQuantization.parse(self.quantization)  # validates
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def _build(cfg: ServeConfig) -> EngineCore:
     from engine.loader import load_model
     from engine.tokenizer import Tokenizer
 
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization)
     tokenizer = Tokenizer.from_dir(cfg.model, cfg.chat_template)
     return EngineCore(model, tokenizer, engine_config(cfg, model))
 

@@ -5,6 +5,19 @@ to the serving dtype, dequantizes DeepSeek's FP8 block format at load, stacks th
 per-expert tensors into the MoE layer's w13 / w2, and skips the multi-token-prediction
 layers (indices >= num_hidden_layers). Every failure is a `CheckpointError` that names
 the file or tensor at fault.
+
+FP4 experts, two ways (see `engine.model.fp4_experts`):
+- `quantization="nvfp4" | "mxfp4"` quantizes the routed experts of a bf16 / fp32 / FP8
+  checkpoint once they are loaded, and keeps only the packed weights.
+- An NVFP4 checkpoint as NVIDIA ModelOpt exports it (config.json `quantization_config`
+  {"quant_method": "modelopt", "quant_algo": "NVFP4"}, or the same in hf_quant_config.json)
+  has, per quantized linear `X`, `X.weight` uint8 [N, K/2], `X.weight_scale` float8_e4m3fn
+  [N, K/16] and fp32 scalars `X.weight_scale_2` and `X.input_scale`. Routed experts load
+  packed into the stacked layout; any other quantized linear (attention, dense MLP, shared
+  experts) is dequantized to the serving dtype here. `input_scale` (the activation scale of
+  W4A4 kernels) is not used: FP4 here is weight-only, activations stay in the serving dtype.
+  Which linears are quantized is read off the tensors (a `weight_scale` beside the weight),
+  which is what `exclude_modules` in the config describes; routed experts must be NVFP4.
 """
 
 from __future__ import annotations
@@ -17,10 +30,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from engine.attention import default_attention_backend
 from engine.checkpoint import fp8_block_dequantize
 from engine.model import CheckpointError, DeepseekV3ForCausalLM, ModelConfig
+from engine.model.fp4_experts import ExpertQuantization
+from kernels.fp4 import NVFP4Tensor, dequantize_nvfp4
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Read together with the weight they scale (FP8: `_scale_inv`; ModelOpt NVFP4: the rest),
+# unless they have a slot of their own (the packed routed experts).
+_SCALE_SUFFIXES = ("_scale_inv", ".weight_scale", ".weight_scale_2", ".input_scale")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -61,17 +80,26 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
-               attention: str = "auto", progress: bool = True) -> DeepseekV3ForCausalLM:
-    """attention "auto": the fast backend for the device ("cpu" on CPUs); "torch" is the reference."""
+               attention: str = "auto", progress: bool = True,
+               quantization: str | None = None) -> DeepseekV3ForCausalLM:
+    """attention "auto": the fast backend for the device ("cpu" on CPUs, "flashinfer" on CUDA where
+    installed); "torch" is the reference.
+    quantization None, "nvfp4" or "mxfp4": the format of the routed experts (see above)."""
+    quant = ExpertQuantization.parse(quantization)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory")
     cfg = ModelConfig.from_dir(model_dir)
+    if cfg.nvfp4_checkpoint and quant not in (None, ExpertQuantization.NVFP4):
+        raise CheckpointError(f"{model_dir}: the checkpoint's experts are NVFP4 already; "
+                              f"--quantization {quantization} cannot apply")
     dev = torch.device(device)
     if attention == "auto":
-        attention = "cpu" if dev.type == "cpu" else "torch"
+        attention = default_attention_backend(dev)
     model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention)
     _Filler(model, cfg).fill(checkpoint_files(model_dir), progress)
+    if quant is not None and not cfg.nvfp4_checkpoint:
+        model.quantize_experts(quant)
     model.finish_loading()
     return model.eval()
 
@@ -93,7 +121,7 @@ class _Filler:
                         names = list(f.keys())
                         bar.total = (bar.total or 0) + len(names)
                         for name in names:
-                            if not name.endswith("_scale_inv"):
+                            if name in self.slots or not name.endswith(_SCALE_SUFFIXES):
                                 self._load(name, f, names)
                             bar.update()
                 except SafetensorError as exc:
@@ -111,11 +139,29 @@ class _Filler:
             return  # multi-token-prediction layer: not used for plain decoding yet
         if name not in self.slots:
             raise CheckpointError(f"unexpected tensor {name} in checkpoint")
-        tensor = f.get_tensor(name)
+        tensor, target = f.get_tensor(name), self.slots[name]
         if name + "_scale_inv" in names:
             tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size)
-        target = self.slots[name]
+        elif name + "_scale" in names and target.dtype != torch.uint8:
+            tensor = _nvfp4_dequantize(name, tensor, f, target)
+        if target.dim() == 0 and tensor.numel() == 1:
+            tensor = tensor.reshape(())  # a scale written as [1] rather than []
+        if (target.dtype in _STORED_AS_IS or tensor.dtype == torch.uint8) and tensor.dtype != target.dtype:
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor.to(target.dtype))
         self.pending.discard(name)
+
+
+_STORED_AS_IS = (torch.uint8, torch.float8_e4m3fn)  # packed FP4 and its block scales: never cast
+
+
+def _nvfp4_dequantize(name: str, packed: torch.Tensor, f, target: torch.Tensor) -> torch.Tensor:
+    """A ModelOpt NVFP4 linear `name` (uint8 [N, K/2]) -> fp32 [N, K] shaped like target."""
+    try:
+        w = NVFP4Tensor(packed, f.get_tensor(name + "_scale"),
+                        f.get_tensor(name + "_scale_2").float().reshape(()), tuple(target.shape))
+    except (ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"tensor {name}: not NVFP4 of logical shape {tuple(target.shape)} ({exc})") from None
+    return dequantize_nvfp4(w)

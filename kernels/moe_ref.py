@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp4 import MXFP4Tensor, NVFP4Tensor, dequantize_fp4
+
 
 def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
                  n_group: int, topk_group: int, norm_topk_prob: bool = True,
@@ -55,3 +57,31 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         y = h @ w2[expert].t()
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out.to(x.dtype)
+
+
+def moe_reference_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tensor | MXFP4Tensor,
+                      weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts with FP4 weights that stay packed: the per-expert loop of `moe_reference`,
+    dequantizing (to x's dtype) only the experts the batch routes to, one at a time.
+
+    x [T, D]; w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both NVFP4Tensor or
+    both MXFP4Tensor; weights [T, K] fp32; ids [T, K] int64. Returns [T, D] in x's dtype, equal
+    to `triton_fused_moe.fused_moe_fp4_reference` (which dequantizes every expert first).
+    Peak extra memory: one expert's dense w13 and w2.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    inter = w2.shape[-1]
+    for expert in ids.unique().tolist():
+        token, slot = (ids == expert).nonzero(as_tuple=True)
+        h = x[token] @ dequantize_fp4(fp4_expert(w13, expert), x.dtype).t()
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = h @ dequantize_fp4(fp4_expert(w2, expert), x.dtype).t()
+        out.index_add_(0, token, y.float() * weights[token, slot, None])
+    return out.to(x.dtype)
+
+
+def fp4_expert(w: NVFP4Tensor | MXFP4Tensor, expert: int) -> NVFP4Tensor | MXFP4Tensor:
+    """Expert `expert` of a stacked [E, N, K] FP4 weight, as an [N, K] one (views, no copy)."""
+    if isinstance(w, NVFP4Tensor):
+        return NVFP4Tensor(w.packed[expert], w.scale[expert], w.global_scale[expert], w.shape[1:])
+    return MXFP4Tensor(w.packed[expert], w.scale[expert], w.shape[1:])

@@ -67,7 +67,8 @@ class ModelConfig:
     bos_token_id: int = 0
     eos_token_id: int = 1
     torch_dtype: str = "bfloat16"
-    quant_method: str | None = None
+    quant_method: str | None = None  # None, "fp8" (DeepSeek's block FP8) or "modelopt" (NVIDIA ModelOpt)
+    quant_algo: str | None = None  # with "modelopt": must be "NVFP4"
     weight_block_size: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
@@ -91,8 +92,15 @@ class ModelConfig:
             raise CheckpointError(f"config.json: scoring_func {self.scoring_func!r} is not supported (only 'sigmoid')")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise CheckpointError(f"config.json: first_k_dense_replace ({self.first_k_dense_replace}) is out of range")
-        if self.quant_method not in (None, "fp8"):
+        if self.quant_method not in (None, "fp8", "modelopt"):
             raise CheckpointError(f"config.json: quantization_config.quant_method {self.quant_method!r} is not supported")
+        if self.quant_method == "modelopt" and self.quant_algo != "NVFP4":
+            raise CheckpointError(f"config.json: ModelOpt quant_algo {self.quant_algo!r} is not supported (only 'NVFP4')")
+
+    @property
+    def nvfp4_checkpoint(self) -> bool:
+        """Whether the checkpoint's linear layers are NVFP4 as ModelOpt exports them."""
+        return self.quant_method == "modelopt"
 
     @property
     def qk_head_dim(self) -> int:
@@ -127,6 +135,9 @@ class ModelConfig:
             kwargs["rope_scaling"] = _rope_scaling(raw)
             quant = raw.get("quantization_config") or {}
             kwargs["quant_method"] = quant.get("quant_method")
+            kwargs["quant_algo"] = quant.get("quant_algo")
+            if quant.get("quant_method") == "modelopt" and quant.get("group_size", 16) != 16:
+                raise CheckpointError(f"config.json: NVFP4 group_size {quant['group_size']} is not supported (only 16)")
             if "weight_block_size" in quant:
                 kwargs["weight_block_size"] = tuple(quant["weight_block_size"])
             kwargs["eos_token_id"] = _first(raw.get("eos_token_id", 1))
@@ -139,11 +150,29 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: not a checkpoint directory (no config.json)")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+        raw = _read_json(path)
+        hf_quant = Path(model_dir) / "hf_quant_config.json"
+        if not raw.get("quantization_config") and hf_quant.is_file():
+            raw["quantization_config"] = _modelopt_quantization(_read_json(hf_quant), hf_quant)
         return cls.from_dict(raw)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _modelopt_quantization(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ModelOpt's older export writes no quantization_config into config.json but a separate
+    hf_quant_config.json: {"producer": {"name": "modelopt", ...}, "quantization":
+    {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": [...]}}; read as the
+    quantization_config {"quant_method": "modelopt", **quantization}."""
+    quant = raw.get("quantization")
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{path}: no 'quantization' section")
+    return {"quant_method": "modelopt", **quant}
 
 
 def _first(value: int | list[int]) -> int:

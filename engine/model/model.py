@@ -18,6 +18,7 @@ from engine.attention import AttentionBackend, AttentionMetadata, get_attention_
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, empty_param
 from .mla import MLA
+from .fp4_experts import ExpertQuantization
 from .moe import MoE, RoutedExperts
 from .rope import RotaryEmbedding
 
@@ -72,11 +73,22 @@ class DeepseekV3ForCausalLM(nn.Module):
                 slots[name] = param
         return slots
 
+    def routed_experts(self) -> list[RoutedExperts]:
+        return [m for m in self.modules() if isinstance(m, RoutedExperts)]
+
+    def quantize_experts(self, quantization: ExpertQuantization) -> None:
+        """After loading, before `finish_loading`: every MoE layer's routed experts to FP4."""
+        for experts in self.routed_experts():
+            experts.quantize(quantization)
+
     def finish_loading(self) -> None:
         """Derives what the forward pass precomputes from the loaded weights: MLA's absorbed
-        matrices, and on a bf16 CPU prepacked GEMM weights and dense small-batch MoE."""
+        matrices, FP4 experts from an NVFP4 checkpoint, and on a bf16 CPU prepacked GEMM
+        weights and dense small-batch MoE."""
         for layer in self.model.layers:
             layer.self_attn.absorb_weights()
+        for experts in self.routed_experts():
+            experts.finish_loading()
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         for name, module in self.named_modules():

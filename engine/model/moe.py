@@ -3,7 +3,8 @@
 Routed expert weights are stacked per layer so fused kernels can index them:
     w13 [E, 2I, D]  gate_proj rows then up_proj rows of each expert
     w2  [E, D, I]   down_proj of each expert
-The checkpoint's per-expert tensors are copied into these slices by the loader.
+The checkpoint's per-expert tensors are copied into these slices by the loader. With FP4
+experts (see `fp4_experts`) the same stacked layout is kept packed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kernels.moe_cpu import DENSE_MAX_TOKENS, DenseExperts
 from kernels.moe_ref import grouped_topk, moe_reference
 
 from .config import ModelConfig
+from .fp4_experts import ExpertQuantization, FP4MoE, NVFP4ExpertSlots, fp4_moe_for
 from .layers import MLP, empty_param
 
 
@@ -36,19 +38,53 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
+    """The routed experts of one layer, in one of two forms:
+    - dense: parameters w13 / w2 in the serving dtype, the per-expert loop (or on a bf16 CPU
+      the dense small-batch path);
+    - FP4: after `quantize` (or loaded from an NVFP4 checkpoint, `cfg.nvfp4_checkpoint`),
+      w13 / w2 are None and `fp4`, an `FP4MoE` backend, holds the only (packed) copy.
+    """
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
         super().__init__()
         e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
-        self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
         self.dense: DenseExperts | None = None
+        self.fp4: FP4MoE | None = None
+        self.staged: NVFP4ExpertSlots | None = None
+        if cfg.nvfp4_checkpoint:
+            self.w13 = self.w2 = None
+            self.staged = NVFP4ExpertSlots(e, i, d, device)
+        else:
+            self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
+            self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
 
     def use_dense_for_small_batches(self) -> None:
-        """After loading: small batches compute every expert in two GEMMs (see moe_cpu)."""
-        self.dense = DenseExperts(self.w13, self.w2)
+        """After loading: small batches compute every expert in two GEMMs (see moe_cpu).
+        Not for FP4 experts: it would need them dense."""
+        if self.fp4 is None:
+            self.dense = DenseExperts(self.w13, self.w2)
+
+    def quantize(self, quantization: ExpertQuantization) -> None:
+        """After loading: quantize w13 / w2 and drop the dense copies."""
+        w13, w2 = quantization.quantize(self.w13.detach()), quantization.quantize(self.w2.detach())
+        self.w13 = self.w2 = None
+        self.dense, self.fp4 = None, fp4_moe_for(w13, w2)
+
+    def finish_loading(self) -> None:
+        """After loading an NVFP4 checkpoint: the staged tensors become the FP4 backend."""
+        if self.staged is not None:
+            self.fp4, self.staged = fp4_moe_for(*self.staged.finish()), None
+
+    def nbytes(self) -> int:
+        """Bytes of expert weights resident."""
+        if self.fp4 is not None:
+            return self.fp4.nbytes()
+        return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
         """The checkpoint's per-expert tensors fill slices of the stacked weights."""
+        if self.staged is not None:
+            return self.staged.checkpoint_slots(prefix)
         inter, slots = self.w2.shape[-1], {}
         for e in range(self.w13.shape[0]):
             p = f"{prefix}{e}."
@@ -58,6 +94,9 @@ class RoutedExperts(nn.Module):
         return slots
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D]."""
+        if self.fp4 is not None:
+            return self.fp4(x, weights, ids)
         if self.dense is not None and x.shape[0] <= DENSE_MAX_TOKENS:
             return self.dense(x, weights, ids)
         return moe_reference(x, self.w13, self.w2, weights, ids)

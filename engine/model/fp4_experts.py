@@ -1,0 +1,173 @@
+"""Routed experts held in FP4: the formats, and the MoE backends that compute with them.
+
+Only the routed experts are quantized (they are ~97% of DeepSeek-R1's weights); attention,
+dense layers, shared experts, router and head stay in the serving dtype. Weights are FP4
+only: activations stay in the serving dtype (no FP4 activations, so a checkpoint's
+`input_scale` has no use here).
+
+Two backends behind `FP4MoE`, chosen by the device the weights live on:
+- CPU: `kernels.moe_ref.moe_reference_fp4`, a per-expert loop that dequantizes only the
+  experts a batch routes to; the packed weights are all that stays resident.
+- CUDA: `kernels.triton_fused_moe.fused_moe_fp4`, imported lazily so that a CPU process
+  never imports Triton.
+
+Legend: T = tokens, D = hidden, E = experts, I = expert intermediate, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+
+from kernels.fp4 import NVFP4_BLOCK, MXFP4Tensor, NVFP4Tensor, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
+from kernels.moe_ref import moe_reference_fp4
+
+from .config import CheckpointError
+
+FP4Tensor = NVFP4Tensor | MXFP4Tensor
+log = logging.getLogger(__name__)
+
+
+class ExpertQuantization(enum.Enum):
+    """What `--quantization` asks for: the format the routed experts are quantized to at load."""
+
+    NVFP4 = "nvfp4"
+    MXFP4 = "mxfp4"
+
+    @classmethod
+    def parse(cls, name: str | None) -> "ExpertQuantization | None":
+        """None or "" -> None (experts stay in the serving dtype); unknown -> CheckpointError."""
+        if not name:
+            return None
+        try:
+            return cls(name)
+        except ValueError:
+            raise CheckpointError(f"--quantization {name!r} is not supported "
+                                  f"(choose {', '.join(q.value for q in cls)})") from None
+
+    def quantize(self, w: torch.Tensor) -> FP4Tensor:
+        """w [E, N, K] float -> FP4, one global scale per expert (NVFP4).
+
+        Expert by expert, so the fp32 temporaries stay one expert's size."""
+        quantize = quantize_nvfp4 if self is ExpertQuantization.NVFP4 else quantize_mxfp4
+        return stack_experts([quantize(w[e]) for e in range(w.shape[0])])
+
+
+def stack_experts(parts: list[FP4Tensor]) -> FP4Tensor:
+    """E [N, K] FP4 weights of one format -> one [E, N, K]."""
+    packed, scale = torch.stack([p.packed for p in parts]), torch.stack([p.scale for p in parts])
+    shape = (len(parts), *parts[0].shape)
+    if isinstance(parts[0], NVFP4Tensor):
+        return NVFP4Tensor(packed, scale, torch.stack([p.global_scale for p in parts]), shape)
+    return MXFP4Tensor(packed, scale, shape)
+
+
+def fp4_nbytes(w: FP4Tensor) -> int:
+    """Bytes resident for an FP4 weight: packed values, block scales, global scales."""
+    tensors = [w.packed, w.scale] + ([w.global_scale] if isinstance(w, NVFP4Tensor) else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FP4MoE(ABC):
+    """Routed experts computed from FP4 weights.
+
+    Owns w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both NVFP4Tensor or both
+    MXFP4Tensor, on one device; they are read-only once the backend is built. Calls are not
+    thread-safe (the engine runs one step at a time).
+    """
+
+    def __init__(self, w13: FP4Tensor, w2: FP4Tensor) -> None:
+        self.w13, self.w2 = w13, w2
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D] in x's dtype:
+        sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k]."""
+
+    def nbytes(self) -> int:
+        return fp4_nbytes(self.w13) + fp4_nbytes(self.w2)
+
+
+class TorchFP4MoE(FP4MoE):
+    """The reference (and the CPU backend): per routed expert, dequantize and multiply."""
+
+    def __call__(self, x, weights, ids):
+        return moe_reference_fp4(x, self.w13, self.w2, weights, ids)
+
+
+class TritonFP4MoE(FP4MoE):
+    """The fused grouped GEMM, FP4 weights dequantized in registers (CUDA)."""
+
+    def __init__(self, w13: FP4Tensor, w2: FP4Tensor) -> None:
+        super().__init__(w13, w2)
+        from kernels.triton_fused_moe import fused_moe_fp4
+        self._fused = fused_moe_fp4
+
+    def __call__(self, x, weights, ids):
+        return self._fused(x, self.w13, self.w2, weights, ids)
+
+
+def fp4_moe_for(w13: FP4Tensor, w2: FP4Tensor) -> FP4MoE:
+    """The backend for the device the weights live on: Triton on CUDA, the reference elsewhere."""
+    backend = TritonFP4MoE if w13.packed.device.type == "cuda" else TorchFP4MoE
+    return backend(w13, w2)
+
+
+class NVFP4ExpertSlots:
+    """Stacked NVFP4 storage that a ModelOpt checkpoint's per-expert tensors load into.
+
+    Per expert e, the checkpoint has gate_proj / up_proj / down_proj, each `weight` uint8
+    [N, K/2], `weight_scale` float8_e4m3fn [N, K/16] and `weight_scale_2` fp32 [] (see
+    `checkpoint_slots`). Gate and up fuse into w13 [E, 2I, D], which has one global scale
+    per expert, so `finish` reconciles their two weight_scale_2: ModelOpt exports them
+    equal (it ties the amax of layers it expects to be fused); where a checkpoint from
+    another tool has them differ, that expert's w13 is dequantized with its own scales and
+    requantized with one common global scale (a second rounding, on that expert only, with a
+    warning) rather than refused or served with one half mis-scaled.
+    """
+
+    def __init__(self, experts: int, inter: int, hidden: int, device) -> None:
+        def storage(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+            padded = -(-cols // NVFP4_BLOCK) * NVFP4_BLOCK
+            return (torch.empty(experts, rows, padded // 2, dtype=torch.uint8, device=device),
+                    torch.empty(experts, rows, padded // NVFP4_BLOCK, dtype=torch.float8_e4m3fn, device=device))
+        self.inter, self.hidden = inter, hidden
+        self.w13_packed, self.w13_scale = storage(2 * inter, hidden)
+        self.w2_packed, self.w2_scale = storage(hidden, inter)
+        self.w13_scale_2 = torch.empty(experts, 2, dtype=torch.float32, device=device)  # gate, up
+        self.w2_scale_2 = torch.empty(experts, dtype=torch.float32, device=device)
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+        slots, i = {}, self.inter
+        for e in range(self.w13_packed.shape[0]):
+            for k, (proj, rows) in enumerate((("gate_proj", slice(0, i)), ("up_proj", slice(i, 2 * i)))):
+                p = f"{prefix}{e}.{proj}."
+                slots.update({p + "weight": self.w13_packed[e, rows], p + "weight_scale": self.w13_scale[e, rows],
+                              p + "weight_scale_2": self.w13_scale_2[e, k]})
+            p = f"{prefix}{e}.down_proj."
+            slots.update({p + "weight": self.w2_packed[e], p + "weight_scale": self.w2_scale[e],
+                          p + "weight_scale_2": self.w2_scale_2[e]})
+        return slots
+
+    def finish(self) -> tuple[NVFP4Tensor, NVFP4Tensor]:
+        """After loading: (w13 [E, 2I, D], w2 [E, D, I]), gate and up sharing a global scale."""
+        experts, (i, d) = self.w13_packed.shape[0], (self.inter, self.hidden)
+        for e in (self.w13_scale_2[:, 0] != self.w13_scale_2[:, 1]).nonzero().flatten().tolist():
+            self._requantize_w13(e)
+        w13 = NVFP4Tensor(self.w13_packed, self.w13_scale, self.w13_scale_2[:, 0].contiguous(), (experts, 2 * i, d))
+        w2 = NVFP4Tensor(self.w2_packed, self.w2_scale, self.w2_scale_2, (experts, d, i))
+        return w13, w2
+
+    def _requantize_w13(self, e: int) -> None:
+        i, d = self.inter, self.hidden
+        halves = [dequantize_nvfp4(NVFP4Tensor(self.w13_packed[e, rows], self.w13_scale[e, rows],
+                                               self.w13_scale_2[e, k], (i, d)))
+                  for k, rows in enumerate((slice(0, i), slice(i, 2 * i)))]
+        log.warning("expert %d: gate and up weight_scale_2 differ (%.3g, %.3g); requantizing its fused "
+                    "gate/up with one global scale", e, *self.w13_scale_2[e].tolist())
+        q = quantize_nvfp4(torch.cat(halves))
+        self.w13_packed[e], self.w13_scale[e] = q.packed, q.scale
+        self.w13_scale_2[e] = q.global_scale
