@@ -25,7 +25,7 @@ from engine.model import CheckpointError
 from engine.model.fp4_experts import ExpertQuantization, TorchFP4MoE
 from helpers import LORA_YARN, contiguous_meta
 from kernels.fp4 import dequantize_fp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
-from kernels.moe_ref import grouped_topk, moe_reference_fp4
+from kernels.moe_ref import grouped_topk, moe_reference, moe_reference_fp4
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 9, 200, 3, 77, 8], [42] * 11]
@@ -65,17 +65,18 @@ def checkpoint(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.parametrize("quantize", [quantize_nvfp4, quantize_mxfp4], ids=["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_packed_expert_loop_matches_dequantize_everything_reference(quantize, tokens):
-    """D = 72 is not a multiple of either block; with one token most experts get none."""
-    from kernels.triton_fused_moe import fused_moe_fp4_reference
-
+    """D = 72 is not a multiple of either block; with one token most experts get none. The
+    reference is the kernels' spec (fused_moe_fp4_reference): dequantize all, then the loop;
+    written out here so that this CPU test never imports triton, whose interpreter mode the
+    kernel tests must choose before triton is first imported."""
     gen = torch.Generator().manual_seed(tokens)
     experts, hidden, inter = 16, 72, 40
     x = torch.randn(tokens, hidden, generator=gen)
     w13 = quantize(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5)
     w2 = quantize(torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5)
     weights, ids = grouped_topk(torch.randn(tokens, experts, generator=gen), torch.zeros(experts), 4, 4, 2)
-    torch.testing.assert_close(moe_reference_fp4(x, w13, w2, weights, ids),
-                               fused_moe_fp4_reference(x, w13, w2, weights, ids), atol=1e-6, rtol=1e-6)
+    reference = moe_reference(x, dequantize_fp4(w13, x.dtype), dequantize_fp4(w2, x.dtype), weights, ids)
+    torch.testing.assert_close(moe_reference_fp4(x, w13, w2, weights, ids), reference, atol=1e-6, rtol=1e-6)
 
 
 # --- quantized at load ---------------------------------------------------------------------
