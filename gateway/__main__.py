@@ -1,8 +1,10 @@
-"""Command line: `python -m gateway serve --engine HOST:PORT[,HOST:PORT...] ...`.
+"""Command line: `python -m gateway serve --engine HOST:PORT[,HOST:PORT...] ...` and
+`python -m gateway keys create|list|revoke ...` (gateway.keys_cli).
 
 A bad flag or file prints one `error:` line and exits 2. When listening, prints
 `gateway serving on http://HOST:PORT` (the real port when --port is 0) and serves until
-SIGINT or SIGTERM.
+SIGINT or SIGTERM. The key secret comes from --key-secret-file, else from the
+environment variable MOESERVE_KEY_SECRET (read here only).
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from gateway import keys_cli
 from gateway.config import ConfigError, GatewayConfig, parse_engine_address, read_keys_file
+from gateway.keys import check_secret
 from gateway.pricing import PriceBook, PricesError, load_prices
+from gateway.store import DEFAULT_URL, check_url
+
+SECRET_ENV = "MOESERVE_KEY_SECRET"
+log = logging.getLogger("gateway")
 
 EXIT_BAD_INPUT = 2
 
@@ -43,8 +52,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between health checks of a ready engine")
     s.add_argument("--max-backoff", type=float, default=5.0, metavar="SECONDS",
                    help="longest wait between checks of an engine that is down")
+    s.add_argument("--usage-db", default=DEFAULT_URL, metavar="URL",
+                   help="keys and usage ledger: sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
+                        f"(default: {DEFAULT_URL})")
+    s.add_argument("--key-secret-file", type=Path, metavar="FILE",
+                   help=f"HMAC secret of the store's keys (else ${SECRET_ENV}); without one only "
+                        "--api-key keys are accepted")
+    s.add_argument("--key-cache-seconds", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a key read from the store is trusted (revokes take this long at most)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    keys_cli.add_parser(sub)
     return p
+
+
+def read_secret(path: Path | None, flag: str = "--key-secret-file") -> bytes | None:
+    """The key secret from the file, else from the environment, else None."""
+    if path is not None:
+        try:
+            return path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    value = os.environ.get(SECRET_ENV, "")
+    return value.encode().strip() or None
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -54,14 +83,17 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         prices = load_prices(args.prices) if args.prices else PriceBook()
     except PricesError as exc:
         raise ConfigError(f"--prices: {exc}") from None
+    # A secret from the environment does not contradict --no-auth; one from a flag does.
+    secret = read_secret(args.key_secret_file) if args.key_secret_file or not args.no_auth else None
     return GatewayConfig(engines, args.host, args.port, keys, args.no_auth, prices, args.max_body_bytes,
-                         args.health_interval, args.max_backoff)
+                         args.health_interval, args.max_backoff, args.usage_db, secret, args.key_cache_seconds)
 
 
 async def serve(cfg: GatewayConfig) -> None:
     from aiohttp import web
 
     from gateway.app import build_app
+    from gateway.state import SERVICES
 
     app = await build_app(cfg)
     # handler_cancellation: a client that disconnects cancels its handler, and so its gRPC call.
@@ -74,7 +106,11 @@ async def serve(cfg: GatewayConfig) -> None:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
     host, port = runner.addresses[0][:2]
-    print(f"gateway serving on http://{host}:{port} (engines: {', '.join(cfg.engines)})", flush=True)
+    store = app[SERVICES].store
+    print(f"gateway serving on http://{host}:{port} (engines: {', '.join(cfg.engines)}; usage store: {store!r})",
+          flush=True)
+    if cfg.key_secret is None and not cfg.no_auth:
+        log.warning("no key secret (--key-secret-file or %s): only command-line keys are accepted", SECRET_ENV)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -84,8 +120,33 @@ async def serve(cfg: GatewayConfig) -> None:
         await runner.cleanup()
 
 
+def keys_command(args: argparse.Namespace) -> int:
+    try:
+        check_url(args.usage_db)
+    except ValueError as exc:
+        raise ConfigError(f"--usage-db: {exc}") from None
+    secret = read_secret(args.key_secret_file) if args.keys_command == "create" else None
+    if secret is not None:
+        try:
+            secret = check_secret(secret)
+        except ValueError as exc:
+            raise ConfigError(f"--key-secret-file: {exc}") from None
+    try:
+        return asyncio.run(keys_cli.run(args, secret))
+    except keys_cli.KeysError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        logging.basicConfig(level="CRITICAL")  # failures reach the user as one error line
+        args.usage_db = args.usage_db or DEFAULT_URL
+        try:
+            return keys_command(args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config_from_args(args)))

@@ -1,15 +1,18 @@
 """The aiohttp application: routes, and the middleware at the edge (request id, errors,
-metrics, authentication).
+metrics, authentication, admission).
 
 Routes: chat completions and completions under /v1 and the hosted provider's /v1/openai;
-models; /health (200 only while an engine is ready); /metrics. /health and /metrics
-need no key; everything under /v1 needs `Authorization: Bearer KEY` unless the gateway
-runs with --no-auth. Every error leaves as OpenAI's error shape; nothing leaks a trace.
+models; usage (/v1/usage, /v1/usage/requests); /health (200 only while an engine is
+ready); /metrics. /health and /metrics need no key; everything under /v1 needs
+`Authorization: Bearer KEY` unless the gateway runs with --no-auth. A generation request
+is admitted only while the usage store is up (else 503), its key is within its budget
+(else 429 insufficient_quota) and its rate limits (else 429 rate_limit_exceeded); the
+rate-limit headers go on every answer to a key that has limits. Every error leaves as
+OpenAI's error shape; nothing leaks a trace.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -17,13 +20,18 @@ import uuid
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig
-from gateway.errors import ApiError, internal
+from gateway.config import ConfigError, GatewayConfig
+from gateway.errors import ApiError, insufficient_quota, internal, store_unavailable
 from gateway.generate import resolve_model
 from gateway.handlers import chat_completions, completions
+from gateway.keys import KeyDirectory
+from gateway.ledger import Ledger
+from gateway.limits import RateLimiter
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.pool import EnginePool, ModelCard
 from gateway.state import SERVICES, Services, services
+from gateway.store import SchemaTooNew, StoreUnavailable, UsageStore, store_for
+from gateway.usage_api import usage_records, usage_totals
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -74,27 +82,40 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
-def _authorized(header: str, keys: tuple[bytes, ...]) -> bool:
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode()
-    ok = False
-    for key in keys:  # every key compared, in constant time each
-        ok |= hmac.compare_digest(key, given)
-    return scheme.lower() == "bearer" and bool(given) and ok
+@web.middleware
+async def auth(request: web.Request, handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request["key"] = await services(request).keys.authenticate(request.headers.get("Authorization", ""))
+    return await handler(request)
+
+
+GENERATION = (chat_completions, completions)
 
 
 @web.middleware
-async def auth(request: web.Request, handler) -> web.StreamResponse:
-    keys = services(request).api_keys
-    if keys and request.path.startswith("/v1/"):
-        header = request.headers.get("Authorization", "")
-        if not header:
-            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer KEY'",
-                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not _authorized(header, keys):
-            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+async def admit(request: web.Request, handler) -> web.StreamResponse:
+    """Store up, budget, rate limits: checked before a generation request reaches an engine."""
+    key = request.get("key")
+    if key is None:
+        return await handler(request)
+    s = services(request)
+    request["ratelimit_headers"] = s.limiter.peek(key)
+    if request.method == "POST" and request.match_info.route.handler in GENERATION:
+        if not s.ledger.healthy:
+            raise store_unavailable()
+        if s.keys.over_budget(key):
+            raise insufficient_quota(key.id, key.budget, s.keys.spent(key))
+        state = s.limiter.admit(key)
+        request["ratelimit_headers"] = state.headers
+        if state.refused is not None:
+            raise state.refused
     return await handler(request)
+
+
+async def ratelimit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer, streamed or not, error or not, before its headers leave."""
+    for name, value in request.get("ratelimit_headers", {}).items():
+        response.headers.setdefault(name, value)
 
 
 def _model_json(card: ModelCard) -> dict:
@@ -129,23 +150,43 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(prefix + "/completions", completions)
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model:.+}", get_model)
+    app.router.add_get("/v1/usage", usage_totals)
+    app.router.add_get("/v1/usage/requests", usage_records)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
 
 
+async def open_store(cfg: GatewayConfig) -> UsageStore:
+    store = store_for(cfg.usage_db)
+    try:
+        await store.open()
+    except (StoreUnavailable, SchemaTooNew) as exc:
+        raise ConfigError(f"--usage-db: cannot open the usage store {store!r}: {exc}") from None
+    return store
+
+
 async def build_app(cfg: GatewayConfig) -> web.Application:
-    """Must run inside the event loop that serves the app (the pool's gRPC channels bind to it)."""
+    """Must run inside the event loop that serves the app (the pool's gRPC channels bind to it).
+
+    Opens the usage store (applying its migrations) before anything listens."""
+    store = await open_store(cfg)
     pool = EnginePool(cfg.engines, cfg.health_interval, cfg.max_backoff)
-    app = web.Application(middlewares=[edge, auth], client_max_size=cfg.max_body_bytes)
-    app[SERVICES] = Services(pool, cfg.prices, GatewayMetrics(), tuple(k.encode() for k in cfg.api_keys),
-                             cfg.max_body_bytes)
+    keys = KeyDirectory(store, cfg.api_keys, cfg.key_secret, cfg.no_auth, cfg.key_cache_seconds)
+    limiter = RateLimiter()
+    ledger = Ledger(store, keys, limiter)
+    app = web.Application(middlewares=[edge, auth, admit], client_max_size=cfg.max_body_bytes)
+    app[SERVICES] = Services(pool, cfg.prices, GatewayMetrics(), store, keys, limiter, ledger, cfg.max_body_bytes)
     add_routes(app)
+    app.on_response_prepare.append(ratelimit_headers)
 
-    async def start_pool(_app: web.Application) -> None:
+    async def start(_app: web.Application) -> None:
         await pool.start()
+        await ledger.start()
 
-    async def close_pool(_app: web.Application) -> None:
+    async def close(_app: web.Application) -> None:
         await pool.close()
-    app.on_startup.append(start_pool)
-    app.on_cleanup.append(close_pool)
+        await ledger.close()
+        await store.close()
+    app.on_startup.append(start)
+    app.on_cleanup.append(close)
     return app

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.keys import check_secret
 from gateway.pricing import PriceBook
+from gateway.store import DEFAULT_URL, check_url
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,12 @@ class GatewayConfig:
     # exponential backoff from health_interval / 10 up to max_backoff.
     health_interval: float = 1.0
     max_backoff: float = 5.0
+    # Where keys and the usage ledger live (gateway.store): sqlite:///PATH or postgresql://...
+    usage_db: str = DEFAULT_URL
+    # The HMAC secret of stored keys (gateway.keys); None: only command-line keys are accepted.
+    key_secret: bytes | None = field(default=None, repr=False)
+    # How long a key looked up in the store is trusted before it is read again.
+    key_cache_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -58,11 +66,23 @@ class GatewayConfig:
             raise ConfigError(f"--port: must be in [0, 65535], got {self.port}")
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise ConfigError("--api-key: keys must be non-empty and hold no whitespace")
-        if not self.api_keys and not self.no_auth:
-            raise ConfigError("no API key configured: give --api-key KEY or --api-keys-file FILE "
-                              "(or --no-auth to serve without authentication)")
-        if self.api_keys and self.no_auth:
+        if not self.api_keys and self.key_secret is None and not self.no_auth:
+            raise ConfigError("no API key configured: give --api-key KEY or --api-keys-file FILE, or --key-secret-file "
+                              "FILE to accept the keys of the usage store (or --no-auth to serve without "
+                              "authentication)")
+        if (self.api_keys or self.key_secret is not None) and self.no_auth:
             raise ConfigError("--no-auth contradicts the API keys given")
+        if self.key_secret is not None:
+            try:
+                check_secret(self.key_secret)
+            except ValueError as exc:
+                raise ConfigError(f"--key-secret-file: {exc}") from None
+        try:
+            check_url(self.usage_db)
+        except ValueError as exc:
+            raise ConfigError(f"--usage-db: {exc}") from None
+        if not 0 <= self.key_cache_seconds <= 3600:
+            raise ConfigError(f"--key-cache-seconds: must be in [0, 3600], got {self.key_cache_seconds}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes: must be at least 1024, got {self.max_body_bytes}")
         if not 0 < self.health_interval <= 60 or not self.health_interval <= self.max_backoff <= 600:

@@ -12,6 +12,7 @@ import grpc
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER = "server_error"
+INSUFFICIENT_QUOTA = "insufficient_quota"
 
 
 class ApiError(Exception):
@@ -50,6 +51,17 @@ def no_engine(detail: str = "no engine is ready") -> ApiError:
 def overloaded(detail: str) -> ApiError:
     return ApiError(429, f"The engines' queues are full ({detail}); retry shortly", RATE_LIMIT, None,
                     "rate_limit_exceeded", {"Retry-After": "1"})
+
+
+def store_unavailable() -> ApiError:
+    """The usage store cannot take records: nothing runs unbilled."""
+    return ApiError(503, "usage store unavailable: requests are not served while they cannot be billed; retry shortly",
+                    SERVER, None, "usage_store_unavailable", {"Retry-After": "1"})
+
+
+def insufficient_quota(key_id: str, budget: object, spent: object) -> ApiError:
+    return ApiError(429, f"You exceeded your current quota: key {key_id} has spent ${spent} of its ${budget} budget",
+                    INSUFFICIENT_QUOTA, None, INSUFFICIENT_QUOTA)
 
 
 def context_exceeded(param: str, message: str) -> ApiError:

@@ -4,6 +4,12 @@ Both endpoints share one driver (`_respond`) and differ in a `Format`: how a del
 chunk's choice, how deltas accumulate, how a finished choice reads. The engine's first
 message is awaited before any byte goes out, so errors that come before generation (bad
 field, prompt too long, full queues) get their own HTTP status even when streaming.
+
+Billing (gateway.ledger): from the engine's first message on, a `Tally` counts what the
+request produced; its record is committed before the answer's last bytes (the usage
+chunk and `data: [DONE]`, or the JSON body). A failed commit answers 503 (or an error
+event) instead; a request cut off by its client or failed mid-way is recorded with the
+tokens produced, as `aborted` or `error`.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from moeserve.engine.v1 import engine_pb2 as pb
 from gateway import responses as r
 from gateway.convert import (chat_params, chat_to_proto, completion_params, completion_to_protos,
                              prompt_too_long_for)
-from gateway.errors import ApiError, context_exceeded, internal
+from gateway.errors import ApiError, context_exceeded, internal, store_unavailable
 from gateway.generate import EngineCall, merged, open_calls, resolve_model
+from gateway.ledger import Tally
 from gateway.openai_schema import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from gateway.sse import ChunkFrame, SseWriter, dumps
 from gateway.state import Services, services
+from gateway.store import Outcome, StoreUnavailable
 from gateway.validate import parse_json
 
 log = logging.getLogger(__name__)
@@ -156,13 +164,20 @@ async def _respond(request: web.Request, s: Services, job: r.Job, fmt: Format,
     start = time.perf_counter()
     s.metrics.in_flight.inc(1)
     calls: list[EngineCall] = []
+    tally: Tally | None = None
     try:
         calls = await open_calls(s.pool, job.model, protos, params, _metadata(request))
+        tally = Tally.begin(start, len(calls))
         s.metrics.ttft.observe(time.perf_counter() - start, model=job.model)
         run = _stream if stream else _unary
-        return await run(request, s, job, fmt, calls, n)
+        return await run(request, s, job, fmt, calls, n, tally)
     except (asyncio.CancelledError, ConnectionResetError):  # the client went away
         s.metrics.disconnects.inc(1)
+        if tally is not None and not tally.recorded:
+            tally.recorded = True
+            record = _usage_record(request, s, job, tally, Outcome.ABORTED)
+            s.ledger.commit_later(request["key"], record)
+            s.metrics.record_usage(job.model, tally.usage(), record.cost)
         raise
     finally:
         for c in calls:
@@ -170,29 +185,52 @@ async def _respond(request: web.Request, s: Services, job: r.Job, fmt: Format,
         s.metrics.in_flight.inc(-1)
 
 
-def _record(request: web.Request, s: Services, job: r.Job, usages: dict[int, pb.Usage]) -> dict:
-    usage = r.sum_usage(list(usages.values()))
+def _usage_record(request: web.Request, s: Services, job: r.Job, tally: Tally, outcome: Outcome):
+    return tally.record(job.id, request["request_id"], request["key"].id, job.model, s.prices.for_model(job.model),
+                        outcome)
+
+
+async def _bill(request: web.Request, s: Services, job: r.Job, tally: Tally, outcome: Outcome) -> dict:
+    """Commits the request's record; the usage for the answer. 503 when the store failed."""
+    record = _usage_record(request, s, job, tally, outcome)
+    tally.recorded = True
+    try:
+        await s.ledger.commit(request["key"], record)
+    except StoreUnavailable:
+        log.error("%s %s usage record not written: the store is unavailable", request["request_id"], job.id)
+        raise store_unavailable() from None
+    usage = tally.usage()
     price = s.prices.for_model(job.model)
-    s.metrics.record_usage(job.model, usage, price.cost(usage.prompt_tokens, usage.completion_tokens,
-                                                        usage.cached_prompt_tokens))
-    out = r.usage_json(usage, price)
-    log.info("%s %s model=%s prompt=%d cached=%d completion=%d cost=%s", request["request_id"], job.id, job.model,
-             usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens, out["estimated_cost"])
-    return out
+    s.metrics.record_usage(job.model, usage, record.cost)
+    log.info("%s %s key=%s model=%s outcome=%s prompt=%d cached=%d completion=%d cost=%s", request["request_id"],
+             job.id, record.key_id, job.model, outcome, usage.prompt_tokens, usage.cached_prompt_tokens,
+             usage.completion_tokens, record.cost)
+    return r.usage_json(usage, price)
+
+
+async def _bill_failure(request: web.Request, s: Services, job: r.Job, tally: Tally) -> None:
+    """A request that failed mid-way: billed for what it produced; the client gets the failure."""
+    if not tally.recorded:
+        with contextlib.suppress(ApiError):
+            await _bill(request, s, job, tally, Outcome.ERROR)
 
 
 async def _unary(request: web.Request, s: Services, job: r.Job, fmt: Format, calls: list[EngineCall],
-                 n: int) -> web.Response:
+                 n: int, tally: Tally) -> web.Response:
     choices: dict[int, r.Choice] = defaultdict(r.Choice)
-    usages: dict[int, pb.Usage] = {}
-    async with contextlib.aclosing(merged(calls)) as messages:
-        async for i, msg in messages:
-            for d in msg.choices:
-                fmt.accumulate(d, choices[i * n + d.index])
-            if msg.HasField("usage"):
-                usages[i] = msg.usage
-    body = r.answer(job, fmt.object, [fmt.final_choice(k, choices[k], job) for k in sorted(choices)],
-                    _record(request, s, job, usages))
+    try:
+        async with contextlib.aclosing(merged(calls)) as messages:
+            async for i, msg in messages:
+                tally.observe(i, msg)
+                for d in msg.choices:
+                    fmt.accumulate(d, choices[i * n + d.index])
+    except ConnectionResetError:
+        raise
+    except Exception:
+        await _bill_failure(request, s, job, tally)
+        raise
+    usage = await _bill(request, s, job, tally, tally.finished_outcome())
+    body = r.answer(job, fmt.object, [fmt.final_choice(k, choices[k], job) for k in sorted(choices)], usage)
     return web.json_response(body, dumps=dumps, headers={"X-Request-Id": request["request_id"]})
 
 
@@ -207,29 +245,29 @@ def _empty(choice: dict) -> bool:
 
 
 async def _stream(request: web.Request, s: Services, job: r.Job, fmt: Format, calls: list[EngineCall],
-                  n: int) -> web.StreamResponse:
+                  n: int, tally: Tally) -> web.StreamResponse:
     sse = SseWriter(request, {"X-Request-Id": request["request_id"]})
     await sse.start()
     frame = ChunkFrame(r.head(job, fmt.chunk_object), job.include_usage)
     choices: dict[int, r.Choice] = defaultdict(r.Choice)
-    usages: dict[int, pb.Usage] = {}
     try:
         async with contextlib.aclosing(merged(calls)) as messages:
             async for i, msg in messages:
+                tally.observe(i, msg)
                 parts = (fmt.chunk_choice(i * n + d.index, d, choices[i * n + d.index], job) for d in msg.choices)
                 await sse.send_encoded([frame.event(p) for p in parts if not _empty(p)])
-                if msg.HasField("usage"):
-                    usages[i] = msg.usage
-        usage = _record(request, s, job, usages)
+        usage = await _bill(request, s, job, tally, tally.finished_outcome())
         if job.include_usage:
             await sse.send([{**r.chunk(job, fmt.chunk_object, []), "usage": usage}])
         await sse.done()
     except ApiError as err:
         log.warning("%s stream failed: %s", request["request_id"], err.message)
+        await _bill_failure(request, s, job, tally)
         await sse.error(err)
     except ConnectionResetError:
         raise
     except Exception:  # noqa: BLE001 - the headers are out: the error goes in the stream
         log.exception("%s stream failed", request["request_id"])
+        await _bill_failure(request, s, job, tally)
         await sse.error(internal())
     return sse.response

@@ -1,4 +1,4 @@
-"""What the request handlers share: the pool, prices, metrics, limits. One per app."""
+"""What the request handlers share: the pool, prices, metrics, keys, limits, ledger. One per app."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.keys import KeyDirectory
+from gateway.ledger import Ledger
+from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.pool import EnginePool
 from gateway.pricing import PriceBook
+from gateway.store import UsageStore
 
 
 @dataclass(frozen=True)
@@ -16,7 +20,10 @@ class Services:
     pool: EnginePool
     prices: PriceBook
     metrics: GatewayMetrics
-    api_keys: tuple[bytes, ...]  # empty: authentication is off (--no-auth)
+    store: UsageStore
+    keys: KeyDirectory
+    limiter: RateLimiter
+    ledger: Ledger
     max_body_bytes: int
 
 

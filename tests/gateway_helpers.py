@@ -64,13 +64,27 @@ def start_engine(*flags: str, name: str = MODEL, port: int = 0) -> EngineProcess
     return engine
 
 
+def temp_usage_db() -> str:
+    """A SQLite usage store in a fresh temporary folder (removed at exit)."""
+    folder = Path(tempfile.mkdtemp(prefix="gateway-usage-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"sqlite:///{folder / 'usage.db'}"
+
+
 class GatewayProcess:
-    def __init__(self, engines: list[str], *flags: str, keys: tuple[str, ...] = (KEY,)) -> None:
+    """`env` adds environment variables (MOESERVE_* from the caller's environment are not passed);
+    without --usage-db among the flags the gateway gets its own temporary SQLite store."""
+
+    def __init__(self, engines: list[str], *flags: str, keys: tuple[str, ...] = (KEY,),
+                 env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "gateway", "serve", "--engine", ",".join(engines), "--port", "0",
                "--health-interval", "0.2", "--max-backoff", "0.5", *flags]
+        if "--usage-db" not in flags:
+            cmd += ["--usage-db", temp_usage_db()]
         for key in keys:
             cmd += ["--api-key", key]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HTTP_PROXY", "HTTPS_PROXY"))}
+        env = {**{k: v for k, v in os.environ.items()
+                  if not k.startswith(("OPENAI_", "HTTP_PROXY", "HTTPS_PROXY", "MOESERVE_"))}, **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env)
         self.log: list[str] = []
@@ -108,6 +122,14 @@ class GatewayProcess:
 
     def stop(self) -> int:
         self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.stdout.close()
+
+    def kill(self) -> int:
+        """SIGKILL: no cleanup of any kind in the gateway."""
+        self.proc.kill()
         try:
             return self.proc.wait(timeout=30)
         finally:
