@@ -16,6 +16,20 @@ from moeserve.engine.v1 import engine_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_for_line(proc: subprocess.Popen, pattern: str, log: list[str], timeout: float, what: str) -> str:
+    """Reads proc's output into log until a line matches pattern; returns its first group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{what} exited early:\n" + "".join(log))
+        log.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match.group(1)
+    raise TimeoutError(f"{what} did not start:\n" + "".join(log))
+
+
 class EngineProcess:
     def __init__(self, model: Path, *flags: str, threads: int | None = 1) -> None:
         """threads: torch's CPU threads in the engine (None: torch's default, all cores)."""
@@ -29,17 +43,8 @@ class EngineProcess:
         self.port = self._wait_for_port()
         self.address = f"127.0.0.1:{self.port}"
 
-    def _wait_for_port(self, timeout: float = 120) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("engine exited early:\n" + "".join(self.log))
-            self.log.append(line)
-            match = re.search(r"engine serving \S+ on [\d.]+:(\d+)", line)
-            if match:
-                return int(match.group(1))
-        raise TimeoutError("engine did not start:\n" + "".join(self.log))
+    def _wait_for_port(self) -> int:
+        return int(wait_for_line(self.proc, r"engine serving \S+ on [\d.]+:(\d+)", self.log, 120, "engine"))
 
     def stub(self) -> pb_grpc.EngineStub:
         return pb_grpc.EngineStub(grpc.insecure_channel(self.address))

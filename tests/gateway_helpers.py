@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from moeserve.engine.v1 import engine_pb2 as pb
 
-from engine_server import ROOT, EngineProcess
+from engine_server import ROOT, EngineProcess, wait_for_line
 from helpers import make_serving_checkpoint
 
 KEY = "sk-moeserve-test-key"
@@ -92,17 +91,8 @@ class GatewayProcess:
         drain(self.proc, self.log)
         self.base_url = self.url + "/v1"
 
-    def _wait_for_url(self, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("gateway exited early:\n" + "".join(self.log))
-            self.log.append(line)
-            match = re.search(r"gateway serving on (http://[\d.]+:\d+)", line)
-            if match:
-                return match.group(1)
-        raise TimeoutError("gateway did not start:\n" + "".join(self.log))
+    def _wait_for_url(self) -> str:
+        return wait_for_line(self.proc, r"gateway serving on (http://[\d.]+:\d+)", self.log, 60, "gateway")
 
     def health(self) -> tuple[int, dict]:
         try:
