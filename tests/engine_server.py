@@ -30,6 +30,15 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, log: list[str], timeout:
     raise TimeoutError(f"{what} did not start:\n" + "".join(log))
 
 
+def stop_process(proc: subprocess.Popen) -> int:
+    """SIGTERM, then the exit code (a clean drain exits 0)."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=30)
+    finally:
+        proc.stdout.close()
+
+
 class EngineProcess:
     def __init__(self, model: Path, *flags: str, threads: int | None = 1) -> None:
         """threads: torch's CPU threads in the engine (None: torch's default, all cores)."""
@@ -53,11 +62,7 @@ class EngineProcess:
         return pb_grpc.EngineStub(grpc.aio.insecure_channel(self.address))
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            self.proc.stdout.close()
+        return stop_process(self.proc)
 
 
 def chat(text: str, **sampling) -> pb.GenerateRequest:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from moeserve.engine.v1 import engine_pb2 as pb
 
-from engine_server import ROOT, EngineProcess, wait_for_line
+from engine_server import ROOT, EngineProcess, stop_process, wait_for_line
 from helpers import make_serving_checkpoint
 
 KEY = "sk-moeserve-test-key"
@@ -111,11 +111,7 @@ class GatewayProcess:
         raise TimeoutError(f"gateway not ready with {engines} engines: {self.health()}\n" + "".join(self.log))
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            self.proc.stdout.close()
+        return stop_process(self.proc)
 
     def kill(self) -> int:
         """SIGKILL: no cleanup of any kind in the gateway."""
