@@ -41,7 +41,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, device)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, device)
         self.o_proj = Linear(h * cfg.v_head_dim, d, dtype, device)
-        self.w_uk: torch.Tensor | None = None  # set by absorb_weights once the weights are loaded
+        self.w_kv_b: torch.Tensor | None = None  # set by absorb_weights once the weights are loaded
+        self.w_uk: torch.Tensor | None = None
         self.w_uv_t: torch.Tensor | None = None
 
     def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ class MLA(nn.Module):
     def absorb_weights(self) -> None:
         """After loading: W_UK [H, Dn, C] and W_UV^T [H, C, Dv], contiguous and fp32, so decode
         folds them in with two small batched GEMMs instead of slicing kv_b_proj each step."""
-        w = self._kv_b().float()
+        self.w_kv_b = w = self._kv_b().float()  # [H, Dn + Dv, C], also the naive form's matrix
         nope = self.cfg.qk_nope_head_dim
         self.w_uk = w[:, :nope].contiguous()
         self.w_uv_t = w[:, nope:].transpose(1, 2).contiguous()
@@ -83,15 +84,11 @@ class MLA(nn.Module):
         q_pe, k_pe = pe[:, :-1], pe[:, -1]
         backend.write_kv(cache, self.kv_a_layernorm(latent), k_pe, meta)
 
-        out = None
-        for rows, sub, absorbed in meta.forms:
-            part = (self._absorbed(q_nope[rows], q_pe[rows], cache, sub, backend) if absorbed else
-                    backend.naive(q_nope[rows], q_pe[rows], cache, self._kv_b(), sub, cfg.softmax_scale))
-            if len(meta.forms) == 1:
-                out = part
-            else:
-                out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim) if out is None else out
-                out[rows] = part
+        # the forms cover the step's tokens in order, absorbed rows first: their outputs concatenate
+        parts = [self._absorbed(q_nope[rows], q_pe[rows], cache, sub, backend) if absorbed else
+                 backend.naive(q_nope[rows], q_pe[rows], cache, self.w_kv_b, sub, cfg.softmax_scale)
+                 for rows, sub, absorbed in meta.forms]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, Dv]
         return self.o_proj(out.flatten(1))  # [T, H * Dv] -> [T, D]
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
