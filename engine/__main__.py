@@ -50,6 +50,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", type=Path, help="a Jinja chat template file replacing the checkpoint's")
     p.add_argument("--no-prefix-caching", action="store_true")
     _quantization_arg(p)
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 picks a free port)")
 
 
 def _quantization_arg(p: argparse.ArgumentParser) -> None:
@@ -103,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
                           args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
-                          args.quantization)
+                          args.quantization, args.metrics_port)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
         return asyncio.run(serve(cfg, tokenizer))
     except (ValueError, FileNotFoundError, EngineStartError) as exc:

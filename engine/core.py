@@ -8,12 +8,13 @@ so a bad request never disturbs the others.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequest
 from engine.kv_manager import KVCacheManager
 from engine.model import DeepseekV3ForCausalLM
-from engine.request import ChoiceDelta, EngineRequest, RequestOutput, Usage
+from engine.request import ChoiceDelta, EngineRequest, RequestOutput, RequestTimings, Usage
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -106,6 +107,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.logprobs = LogprobFormatter(tokenizer)
         self.requests: dict[str, tuple[EngineRequest, list[_SeqState]]] = {}
+        self.timings: dict[str, RequestTimings] = {}
         self.arrivals = itertools.count()
         ids = (tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>"))
         self.think_ids = (ids[0] if ids[0] is not None else -1, ids[1] if ids[1] is not None else -1)
@@ -127,6 +129,7 @@ class EngineCore:
             states.append(_SeqState(seq, req, self.tokenizer, self.think_ids))
             self.scheduler.add(seq)
         self.requests[req.request_id] = (req, states)
+        self.timings[req.request_id] = RequestTimings(queued_ns=time.time_ns())
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Ends the request now, freeing its blocks; returns its final output (usage so far)."""
@@ -150,6 +153,7 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self._time_scheduled(out.scheduled)
         logits, seqs = self.runner.run(out.scheduled)
         self.scheduler.on_step_done(out)
         if not seqs:
@@ -160,7 +164,25 @@ class EngineCore:
         for i, st in enumerate(states):
             delta = self._append(st, samples.token_ids[i], self.logprobs.row(samples, i, st.row.params))
             deltas.setdefault(st.seq.group, []).append(delta)
+        self._time_sampled(deltas)
         return [self._output(rid, ds) for rid, ds in deltas.items()]
+
+    def _time_scheduled(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        now = time.time_ns()
+        for seq, n in scheduled:
+            t = self.timings[seq.group]
+            t.scheduled_ns = t.scheduled_ns or now
+            if seq.num_uncomputed > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+                t.prefill_tokens += n  # a prompt chunk or a recompute after preemption, not a decode
+
+    def _time_sampled(self, deltas: dict[str, list[ChoiceDelta]]) -> None:
+        now = time.time_ns()
+        for rid in deltas:
+            t = self.timings[rid]
+            if t.first_token_ns:
+                t.decode_steps += 1
+            else:
+                t.first_token_ns = now
 
     def _state(self, seq: Sequence) -> _SeqState:
         return self.requests[seq.group][1][seq.index]
@@ -209,11 +231,13 @@ class EngineCore:
 
     def _finish_request(self, request_id: str, deltas: list[ChoiceDelta]) -> RequestOutput:
         req, states = self.requests.pop(request_id)
+        timings = self.timings.pop(request_id)
+        timings.finished_ns = time.time_ns()
         prompt, cached = self._prompt_usage(req, states)
         usage = Usage(prompt_tokens=prompt, cached_prompt_tokens=cached,
                       completion_tokens=sum(len(st.seq.output_ids) for st in states),
                       reasoning_tokens=sum(st.reasoning_tokens for st in states))
-        return RequestOutput(request_id, deltas, finished=True, usage=usage, prompt=(prompt, cached))
+        return RequestOutput(request_id, deltas, finished=True, usage=usage, prompt=(prompt, cached), timings=timings)
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
         """After an internal error: ends every request with that error, frees every block."""

@@ -48,10 +48,13 @@ class ServeConfig:
     chat_template: str | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None  # routed experts quantized at load: None, "nvfp4" or "mxfp4"
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:port; None = off, 0 = any free port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory_gib}")
         if self.max_model_len < 0 or self.block_size < 1:

@@ -65,8 +65,27 @@ class Usage:
 
 
 @dataclass
+class RequestTimings:
+    """When the engine process saw a request's phases, in wall-clock nanoseconds
+    (`time.time_ns()`, comparable across the server and engine processes); 0 = never.
+
+    queued: added to the scheduler; scheduled: first put in a batch; first_token: the
+    first token of any choice sampled; finished: the request ended. prefill_tokens: prompt
+    tokens computed (not served from the prefix cache), preempted recomputes included;
+    decode_steps: steps after the first token in which the request produced tokens.
+    """
+
+    queued_ns: int = 0
+    scheduled_ns: int = 0
+    first_token_ns: int = 0
+    finished_ns: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+
+
+@dataclass
 class RequestOutput:
-    """One step's output of a request. `usage` is set on the last one, with finished."""
+    """One step's output of a request. `usage` and `timings` are set on the last one, with finished."""
 
     request_id: str
     choices: list[ChoiceDelta]
@@ -74,3 +93,4 @@ class RequestOutput:
     usage: Usage | None = None
     error: Exception | None = None
     prompt: tuple[int, int] | None = None  # (prompt tokens, cached prompt tokens), on every output
+    timings: RequestTimings | None = None

@@ -141,7 +141,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     s = services(request)
-    return web.Response(body=s.metrics.render(s.pool).encode(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=s.metrics.render_pool(s.pool).encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def add_routes(app: web.Application) -> None:

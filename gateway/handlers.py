@@ -168,7 +168,6 @@ async def _respond(request: web.Request, s: Services, job: r.Job, fmt: Format,
     try:
         calls = await open_calls(s.pool, job.model, protos, params, _metadata(request))
         tally = Tally.begin(start, len(calls))
-        s.metrics.ttft.observe(time.perf_counter() - start, model=job.model)
         run = _stream if stream else _unary
         return await run(request, s, job, fmt, calls, n, tally)
     except (asyncio.CancelledError, ConnectionResetError):  # the client went away
@@ -177,7 +176,7 @@ async def _respond(request: web.Request, s: Services, job: r.Job, fmt: Format,
             tally.recorded = True
             record = _usage_record(request, s, job, tally, Outcome.ABORTED)
             s.ledger.commit_later(request["key"], record)
-            s.metrics.record_usage(job.model, tally.usage(), record.cost)
+            s.metrics.record_usage(record, tally.token_gaps)
         raise
     finally:
         for c in calls:
@@ -201,7 +200,7 @@ async def _bill(request: web.Request, s: Services, job: r.Job, tally: Tally, out
         raise store_unavailable() from None
     usage = tally.usage()
     price = s.prices.for_model(job.model)
-    s.metrics.record_usage(job.model, usage, record.cost)
+    s.metrics.record_usage(record, tally.token_gaps)
     log.info("%s %s key=%s model=%s outcome=%s prompt=%d cached=%d completion=%d cost=%s", request["request_id"],
              job.id, record.key_id, job.model, outcome, usage.prompt_tokens, usage.cached_prompt_tokens,
              usage.completion_tokens, record.cost)

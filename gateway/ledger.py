@@ -45,6 +45,7 @@ class _Call:
     completion: int = 0
     reasoning: int = 0
     final: pb.Usage | None = None
+    last_token_at: float | None = None
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Tally:
     first_token_at: float | None = None
     finishes: set[int] = field(default_factory=set)
     recorded: bool = False
+    token_gaps: list[float] = field(default_factory=list)  # seconds between a call's token-carrying messages
 
     @classmethod
     def begin(cls, start: float, n_calls: int) -> Tally:
@@ -64,6 +66,11 @@ class Tally:
 
     def observe(self, i: int, msg: pb.GenerateStreamResponse) -> None:
         call = self.calls[i]
+        if any(d.token_ids for d in msg.choices):
+            now = time.perf_counter()
+            if call.last_token_at is not None:
+                self.token_gaps.append(now - call.last_token_at)
+            call.last_token_at = now
         if msg.HasField("prompt"):
             call.prompt, call.cached = msg.prompt.prompt_tokens, msg.prompt.cached_prompt_tokens
         for d in msg.choices:

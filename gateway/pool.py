@@ -52,6 +52,7 @@ class Replica:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.ready = False
         self.card: ModelCard | None = None
+        self.info: pb.ModelInfo | None = None  # the last ModelInfo it answered (load, KV cache use)
         self.outstanding = 0
         self.wake = asyncio.Event()
 
@@ -108,6 +109,7 @@ class EnginePool:
             raise ValueError(f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
         info = await r.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
         created = self._first_seen.setdefault(info.served_model_name, int(time.time()))
+        r.info = info
         r.card = ModelCard(info.served_model_name, info.max_model_len, info.capabilities.max_top_logprobs, created)
 
     async def _watch(self, r: Replica) -> None:

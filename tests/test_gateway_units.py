@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import grpc
 import pytest
 from moeserve.engine.v1 import engine_pb2 as pb
+from moeserve.obs.prometheus import Counter, Histogram
 
 from gateway import responses as r
 from gateway.config import ConfigError, GatewayConfig
 from gateway.convert import chat_to_proto, completion_to_protos
 from gateway.errors import ApiError, from_rpc_error
-from gateway.metrics import Counter, GatewayMetrics, Histogram
+from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import parse_chat, parse_completion
 from gateway.pool import EnginePool, ModelCard
 from gateway.pricing import Price, PriceBook, PricesError, cost_number, load_prices
 from gateway.sse import encode
+from gateway.store import Outcome, UsageRecord
 
 JOB = r.Job("chatcmpl-1", 0, "m")
 
@@ -214,9 +217,14 @@ def test_metrics_text_follows_the_exposition_format():
     assert h.samples() == ['lat_seconds_bucket{le="0.1"} 1', 'lat_seconds_bucket{le="1"} 1',
                            'lat_seconds_bucket{le="+Inf"} 2', "lat_seconds_sum 5.05", "lat_seconds_count 2"]
     m = GatewayMetrics()
-    m.record_usage("m", pb.Usage(prompt_tokens=3, completion_tokens=4), Decimal("0.000015"))
-    text = m.render(_pool_stub())
+    rec = UsageRecord("chatcmpl-1", "req-1", "key-1", "m", 3, 0, 4, 0, Decimal("0.000015"), Outcome.LENGTH,
+                      1.0, 20.0, 100.0, datetime.now(UTC))
+    m.record_usage(rec, [0.003, 0.004, 0.5])
+    text = m.render_pool(_pool_stub())
     assert 'moeserve_gateway_estimated_cost_dollars_total{model="m"} 1.5e-05' in text
+    assert 'moeserve_gateway_generation_requests_total{model="m",outcome="length"} 1' in text
+    assert 'moeserve_gateway_inter_token_latency_seconds_bucket{model="m",le="0.005"} 2' in text
+    assert 'moeserve_gateway_time_to_first_token_seconds_sum{model="m"} 0.02' in text
     assert "# TYPE moeserve_gateway_prompt_tokens_total counter" in text and text.endswith("\n")
 
 

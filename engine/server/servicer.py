@@ -20,6 +20,8 @@ from engine.sampling_params import MAX_LOGPROBS
 from engine.tokenizer import Tokenizer
 
 from .convert import ResponseBuilder, request_from_proto, stream_to_proto
+from .metrics import EngineMetrics
+from .observe import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +60,38 @@ def maps_stream_errors(method):
 
 
 class EngineServicer(pb_grpc.EngineServicer):
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, served_model_name: str) -> None:
-        self.engine, self.tokenizer, self.name = engine, tokenizer, served_model_name
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, served_model_name: str,
+                 metrics: EngineMetrics) -> None:
+        self.engine, self.tokenizer, self.name, self.metrics = engine, tokenizer, served_model_name, metrics
 
-    def _request(self, msg: pb.GenerateRequest):
-        return request_from_proto(msg, self.tokenizer)
+    async def _outputs(self, msg: pb.GenerateRequest, context):
+        """The request's outputs from the engine, observed for metrics however the stream ends."""
+        record = RequestRecord(msg.request_id)
+        try:
+            req = request_from_proto(msg, self.tokenizer)
+            record.request_id = req.request_id
+            async for out in self.engine.generate(req):
+                record.on_output(out)
+                yield req, out
+        except Exception as exc:
+            record.on_error(exc)
+            raise
+        finally:
+            record.end()
+            self.metrics.record(record)
 
     @maps_stream_errors
     async def StreamGenerate(self, request, context):
         first = True
-        async for out in self.engine.generate(self._request(request)):
+        async for _, out in self._outputs(request, context):
             yield stream_to_proto(out, first)
             first = False
 
     @maps_errors
     async def Generate(self, request, context):
-        req = self._request(request)
-        builder = ResponseBuilder(req.request_id, req.params.n)
-        async for out in self.engine.generate(req):
+        builder = None
+        async for req, out in self._outputs(request, context):
+            builder = builder or ResponseBuilder(req.request_id, req.params.n)
             builder.add(out)
         return builder.msg
 
