@@ -91,12 +91,14 @@ def _generate(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
 
     from engine.async_engine import EngineStartError
     from engine.engine_process import ServeConfig
     from engine.model import ModelConfig
     from engine.server import serve
     from engine.tokenizer import Tokenizer
+    from moeserve.obs.tracing import setup_tracing
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ModelConfig.from_dir(args.model)  # a bad checkpoint fails here, before the engine process starts
@@ -107,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
                           args.quantization, args.metrics_port)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
+        setup_tracing("moeserve-engine", os.environ)  # off unless OTEL_* configures it
         return asyncio.run(serve(cfg, tokenizer))
     except (ValueError, FileNotFoundError, EngineStartError) as exc:
         raise CheckpointError(str(exc)) from None
