@@ -17,6 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from moeserve.obs.tracing import TracingConfigError, setup_tracing
+
 from gateway import keys_cli
 from gateway.config import ConfigError, GatewayConfig, parse_engine_address, read_keys_file
 from gateway.keys import check_secret
@@ -149,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        setup_tracing("moeserve-gateway", os.environ)  # off unless OTEL_* configures it
         asyncio.run(serve(config_from_args(args)))
-    except ConfigError as exc:
+    except (ConfigError, TracingConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -1,5 +1,5 @@
-"""The aiohttp application: routes, and the middleware at the edge (request id, errors,
-metrics, authentication, admission).
+"""The aiohttp application: routes, and the middleware at the edge (trace span, request id,
+errors, metrics, authentication, admission).
 
 Routes: chat completions and completions under /v1 and the hosted provider's /v1/openai;
 models; usage (/v1/usage, /v1/usage/requests); /health (200 only while an engine is
@@ -19,6 +19,7 @@ import time
 import uuid
 
 from aiohttp import web
+from moeserve.obs import tracing
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import ApiError, insufficient_quota, internal, store_unavailable
@@ -56,6 +57,24 @@ def _error_response(err: ApiError, request_id: str) -> web.Response:
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def traced(request: web.Request, handler) -> web.StreamResponse:
+    """The request's HTTP server span, parent of its gRPC calls; outermost, so that it
+    sees the status that leaves. Only with tracing on (moeserve.obs.tracing)."""
+    if not tracing.enabled():
+        return await handler(request)
+    route = _route(request)
+    span = tracing.http_server_span(request.method, None if route == "unmatched" else route, request.path,
+                                    request.scheme, request.headers)
+    with tracing.current(span):
+        try:
+            response = await handler(request)
+        finally:
+            span.set_attribute("moeserve.request_id", request.get("request_id", ""))
+        tracing.set_http_status(span, response.status)
+    return response
 
 
 @web.middleware
@@ -174,7 +193,7 @@ async def build_app(cfg: GatewayConfig) -> web.Application:
     keys = KeyDirectory(store, cfg.api_keys, cfg.key_secret, cfg.no_auth, cfg.key_cache_seconds)
     limiter = RateLimiter()
     ledger = Ledger(store, keys, limiter)
-    app = web.Application(middlewares=[edge, auth, admit], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[traced, edge, auth, admit], client_max_size=cfg.max_body_bytes)
     app[SERVICES] = Services(pool, cfg.prices, GatewayMetrics(), store, keys, limiter, ledger, cfg.max_body_bytes)
     add_routes(app)
     app.on_response_prepare.append(ratelimit_headers)

@@ -5,6 +5,9 @@ both paths share one way of failing over and of cancelling. A call is opened by 
 its first message: until then nothing was produced, so an engine that is UNAVAILABLE or
 whose queue is full (RESOURCE_EXHAUSTED) is skipped for the next-least-loaded replica.
 Closing an `EngineCall` cancels the RPC, which aborts the request in the engine.
+
+With tracing on, each call (each replica tried) is a gRPC client span under the request's
+HTTP span, and its W3C context goes to the engine in the call's metadata.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from moeserve.engine.v1 import engine_pb2 as pb
+from moeserve.obs import tracing
 
 from gateway.errors import ApiError, from_rpc_error, model_not_found, no_engine, overloaded
-from gateway.pool import EnginePool, ModelCard, Replica
+from gateway.pool import ENGINE_SERVICE, EnginePool, ModelCard, Replica
+
+STREAM_GENERATE = f"{ENGINE_SERVICE}/StreamGenerate"
 
 
 def resolve_model(pool: EnginePool, model: str) -> ModelCard:
@@ -30,12 +36,15 @@ def resolve_model(pool: EnginePool, model: str) -> ModelCard:
 
 
 class EngineCall:
-    """One streaming call on one replica, holding a lease on it until closed."""
+    """One streaming call on one replica, holding a lease on it (and its client span, if
+    traced) until closed."""
 
     def __init__(self, pool: EnginePool, replica: Replica, call, first: pb.GenerateStreamResponse,
-                 params: dict[str, str]) -> None:
+                 params: dict[str, str], span: tracing.Span | None = None) -> None:
         self.pool, self.replica, self.call, self.first, self.params = pool, replica, call, first, params
+        self.span = span
         self._closed = False
+        self._code = grpc.StatusCode.CANCELLED  # until the stream ends by itself
 
     async def messages(self) -> AsyncIterator[pb.GenerateStreamResponse]:
         msg = self.first
@@ -43,7 +52,9 @@ class EngineCall:
             while msg is not grpc.aio.EOF:
                 yield msg
                 msg = await self.call.read()
+            self._code = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as err:
+            self._code = err.code()
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self.pool.mark_down(self.replica, err.details() or "UNAVAILABLE")
             raise from_rpc_error(err, self.params) from None
@@ -53,6 +64,7 @@ class EngineCall:
             self._closed = True
             self.call.cancel()
             self.replica.outstanding -= 1
+            tracing.end_rpc_span(self.span, self._code, server=False)
 
 
 async def open_call(pool: EnginePool, model: str, request: pb.GenerateRequest, params: dict[str, str],
@@ -61,12 +73,14 @@ async def open_call(pool: EnginePool, model: str, request: pb.GenerateRequest, p
     error: ApiError = no_engine()
     while (replica := pool.pick(model, tried)) is not None:
         tried.add(replica)
-        call = replica.stub.StreamGenerate(request, metadata=metadata)
+        span = tracing.rpc_client_span(STREAM_GENERATE, replica.address)
+        call = replica.stub.StreamGenerate(request, metadata=tracing.with_trace_context(metadata, span))
         replica.outstanding += 1
         try:
             first = await call.read()
         except grpc.aio.AioRpcError as err:
             replica.outstanding -= 1
+            tracing.end_rpc_span(span, err.code(), server=False, message=err.details() or "")
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 pool.mark_down(replica, err.details() or "UNAVAILABLE")
                 error = no_engine(f"the engine at {replica.address} is unavailable")
@@ -78,11 +92,14 @@ async def open_call(pool: EnginePool, model: str, request: pb.GenerateRequest, p
         except BaseException:
             call.cancel()
             replica.outstanding -= 1
+            tracing.end_rpc_span(span, grpc.StatusCode.CANCELLED, server=False)
             raise
         if first is grpc.aio.EOF:  # an engine never ends a stream without a message
             replica.outstanding -= 1
-            raise from_rpc_error(_EmptyStream(), params)
-        return EngineCall(pool, replica, call, first, params)
+            empty = _EmptyStream()
+            tracing.end_rpc_span(span, empty.code(), server=False, message=empty.details())
+            raise from_rpc_error(empty, params)
+        return EngineCall(pool, replica, call, first, params, span)
     raise error
 
 

@@ -116,7 +116,9 @@ async def read_json(request: web.Request, limit: int) -> object:
 
 
 def _metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
-    """The request id and W3C trace context travel to the engine as gRPC metadata."""
+    """The request id and W3C trace context travel to the engine as gRPC metadata. The
+    caller's trace context is passed on as it came; when the gateway traces, each call
+    carries its own client span's context instead (gateway.generate)."""
     out = [("x-request-id", request["request_id"])]
     for name in ("traceparent", "tracestate"):
         value = request.headers.get(name, "")
