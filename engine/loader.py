@@ -96,10 +96,9 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
     dev = torch.device(device)
     if attention == "auto":
         attention = default_attention_backend(dev)
-    model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention)
+    model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention,
+                                  None if cfg.nvfp4_checkpoint else quant)
     _Filler(model, cfg).fill(checkpoint_files(model_dir), progress)
-    if quant is not None and not cfg.nvfp4_checkpoint:
-        model.quantize_experts(quant)
     model.finish_loading()
     return model.eval()
 

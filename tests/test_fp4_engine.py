@@ -22,7 +22,7 @@ from engine.checkpoint import random_weights, to_fp8_checkpoint, to_modelopt_nvf
 from engine.demo import DEMO_CONFIG
 from engine.loader import load_model
 from engine.model import CheckpointError
-from engine.model.fp4_experts import ExpertQuantization, TorchFP4MoE
+from engine.model.fp4_experts import ExpertQuantization, QuantizingExpertSlots, TorchFP4MoE
 from helpers import LORA_YARN, contiguous_meta
 from kernels.fp4 import dequantize_fp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
 from kernels.moe_ref import grouped_topk, moe_reference, moe_reference_fp4
@@ -91,6 +91,31 @@ def test_experts_quantized_at_load_match_their_dequantized_twin(checkpoint, quan
     out = prefill_then_decode_logits(model)
     ref = prefill_then_decode_logits(dequantized_twin(path, model))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["nvfp4", "mxfp4"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_weights_and_holds_one_dense_expert(
+        checkpoint, quantization, monkeypatch):
+    """Experts are quantized one by one as their tensors arrive (so a model whose dense experts
+    would not fit still loads), with the same bits as quantizing the whole stacked weights."""
+    path, _ = checkpoint
+    most_pending = 0
+    receive = QuantizingExpertSlots.receive
+
+    def watched(self, expert, part, tensor):
+        nonlocal most_pending
+        receive(self, expert, part, tensor)
+        most_pending = max(most_pending, sum(len(parts) for parts in self.pending.values()))
+    monkeypatch.setattr(QuantizingExpertSlots, "receive", watched)
+    fp4 = load_model(path, "float32", progress=False, quantization=quantization)
+    assert 0 < most_pending <= 2  # dense tensors held at once: at most one expert's first two of three
+    dense = load_model(path, "float32", progress=False)
+    quant = ExpertQuantization(quantization)
+    for d, q in zip(dense.routed_experts(), fp4.routed_experts(), strict=True):
+        for want, got in ((quant.quantize(d.w13), q.fp4.w13), (quant.quantize(d.w2), q.fp4.w2)):
+            assert torch.equal(got.packed, want.packed)
+            assert torch.equal(got.scale.view(torch.uint8), want.scale.view(torch.uint8))
+            assert torch.equal(getattr(got, "global_scale", torch.ones(())), getattr(want, "global_scale", torch.ones(())))
 
 
 def test_bf16_experts_quantized_at_load_keep_a_quarter_of_the_bytes_and_no_dense_path(tmp_path):

@@ -52,8 +52,11 @@ class ExpertQuantization(enum.Enum):
         """w [E, N, K] float -> FP4, one global scale per expert (NVFP4).
 
         Expert by expert, so the fp32 temporaries stay one expert's size."""
-        quantize = quantize_nvfp4 if self is ExpertQuantization.NVFP4 else quantize_mxfp4
-        return stack_experts([quantize(w[e]) for e in range(w.shape[0])])
+        return stack_experts([self.quantize_expert(w[e]) for e in range(w.shape[0])])
+
+    def quantize_expert(self, w: torch.Tensor) -> FP4Tensor:
+        """w [N, K] float -> FP4 (NVFP4 with its own global scale)."""
+        return (quantize_nvfp4 if self is ExpertQuantization.NVFP4 else quantize_mxfp4)(w)
 
 
 def stack_experts(parts: list[FP4Tensor]) -> FP4Tensor:
@@ -171,3 +174,61 @@ class NVFP4ExpertSlots:
         q = quantize_nvfp4(torch.cat(halves))
         self.w13_packed[e], self.w13_scale[e] = q.packed, q.scale
         self.w13_scale_2[e] = q.global_scale
+
+
+class _ExpertPart:
+    """A loader slot for one dense expert tensor: it has the shape and dtype the loader checks
+    against, and hands what is copied into it to its `QuantizingExpertSlots`."""
+
+    def __init__(self, owner: "QuantizingExpertSlots", expert: int, part: str, shape: tuple[int, int]) -> None:
+        self.owner, self.expert, self.part, self.shape = owner, expert, part, shape
+        self.dtype = owner.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def copy_(self, tensor: torch.Tensor) -> None:
+        self.owner.receive(self.expert, self.part, tensor)
+
+
+class QuantizingExpertSlots:
+    """Dense expert tensors quantized to FP4 as the loader delivers them (`--quantization`).
+
+    An expert is quantized as soon as its gate, up and down projections have all arrived,
+    and its dense tensors are dropped, so loading never holds more dense expert weights
+    than those of the experts still incomplete (checkpoints store an expert's tensors
+    together, so about one) -- a bf16 or FP8 DeepSeek-R1 whose dense experts would not fit
+    loads into the memory of its FP4 form. The result equals quantizing the stacked dense
+    weights after loading (`ExpertQuantization.quantize`), bit for bit.
+    """
+
+    def __init__(self, experts: int, inter: int, hidden: int, dtype: torch.dtype, device,
+                 quantization: ExpertQuantization) -> None:
+        self.experts, self.inter, self.hidden = experts, inter, hidden
+        self.dtype, self.device, self.quantization = dtype, torch.device(device), quantization
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.w13: list[FP4Tensor | None] = [None] * experts
+        self.w2: list[FP4Tensor | None] = [None] * experts
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, _ExpertPart]:
+        i, d, slots = self.inter, self.hidden, {}
+        for e in range(self.experts):
+            for part, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+                slots[f"{prefix}{e}.{part}.weight"] = _ExpertPart(self, e, part, shape)
+        return slots
+
+    def receive(self, expert: int, part: str, tensor: torch.Tensor) -> None:
+        parts = self.pending.setdefault(expert, {})
+        parts[part] = tensor.to(self.device, self.dtype)
+        if len(parts) == 3:
+            del self.pending[expert]
+            w13 = torch.cat((parts["gate_proj"], parts["up_proj"]))  # [2I, D]: gate rows, then up rows
+            self.w13[expert] = self.quantization.quantize_expert(w13)
+            self.w2[expert] = self.quantization.quantize_expert(parts["down_proj"])
+
+    def finish(self) -> tuple[FP4Tensor, FP4Tensor]:
+        """After loading: (w13 [E, 2I, D], w2 [E, D, I])."""
+        missing = [e for e in range(self.experts) if self.w13[e] is None]
+        if missing:  # the loader refuses a checkpoint lacking a tensor before this
+            raise CheckpointError(f"routed expert {missing[0]} was never fully loaded")
+        return stack_experts(self.w13), stack_experts(self.w2)

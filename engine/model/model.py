@@ -24,12 +24,13 @@ from .rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device,
+                 quantization: ExpertQuantization | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = MLA(cfg, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MoE(cfg, dtype, device) if cfg.is_moe_layer(layer) else MLP(
+        self.mlp = MoE(cfg, dtype, device, quantization) if cfg.is_moe_layer(layer) else MLP(
             cfg.hidden_size, cfg.intermediate_size, dtype, device)
 
     def forward(self, x, rope, cache, meta, backend):
@@ -38,20 +39,24 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Body(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
+                 quantization: ExpertQuantization | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", attention: str = "torch") -> None:
+                 device: torch.device | str = "cpu", attention: str = "torch",
+                 quantization: ExpertQuantization | None = None) -> None:
+        """quantization: the routed experts are quantized to that FP4 format as the loader
+        fills them, expert by expert, so their dense weights never all exist at once."""
         super().__init__()
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        self.model = DeepseekV3Body(cfg, dtype, device)
+        self.model = DeepseekV3Body(cfg, dtype, device, quantization)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device)
         self.attention: AttentionBackend = get_attention_backend(attention)
@@ -75,11 +80,6 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def routed_experts(self) -> list[RoutedExperts]:
         return [m for m in self.modules() if isinstance(m, RoutedExperts)]
-
-    def quantize_experts(self, quantization: ExpertQuantization) -> None:
-        """After loading, before `finish_loading`: every MoE layer's routed experts to FP4."""
-        for experts in self.routed_experts():
-            experts.quantize(quantization)
 
     def finish_loading(self) -> None:
         """Derives what the forward pass precomputes from the loaded weights: MLA's absorbed

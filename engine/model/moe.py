@@ -16,7 +16,7 @@ from kernels.moe_cpu import DENSE_MAX_TOKENS, DenseExperts
 from kernels.moe_ref import grouped_topk, moe_reference
 
 from .config import ModelConfig
-from .fp4_experts import ExpertQuantization, FP4MoE, NVFP4ExpertSlots, fp4_moe_for
+from .fp4_experts import ExpertQuantization, FP4MoE, NVFP4ExpertSlots, QuantizingExpertSlots, fp4_moe_for
 from .layers import MLP, empty_param
 
 
@@ -41,19 +41,24 @@ class RoutedExperts(nn.Module):
     """The routed experts of one layer, in one of two forms:
     - dense: parameters w13 / w2 in the serving dtype, the per-expert loop (or on a bf16 CPU
       the dense small-batch path);
-    - FP4: after `quantize` (or loaded from an NVFP4 checkpoint, `cfg.nvfp4_checkpoint`),
-      w13 / w2 are None and `fp4`, an `FP4MoE` backend, holds the only (packed) copy.
+    - FP4: quantized at load (`quantization`) or loaded from an NVFP4 checkpoint
+      (`cfg.nvfp4_checkpoint`): w13 / w2 are None, the loader fills `staged`, and after
+      `finish_loading` `fp4`, an `FP4MoE` backend, holds the only (packed) copy.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
+                 quantization: ExpertQuantization | None = None) -> None:
         super().__init__()
         e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.dense: DenseExperts | None = None
         self.fp4: FP4MoE | None = None
-        self.staged: NVFP4ExpertSlots | None = None
+        self.staged: NVFP4ExpertSlots | QuantizingExpertSlots | None = None
         if cfg.nvfp4_checkpoint:
             self.w13 = self.w2 = None
             self.staged = NVFP4ExpertSlots(e, i, d, device)
+        elif quantization is not None:
+            self.w13 = self.w2 = None
+            self.staged = QuantizingExpertSlots(e, i, d, dtype, device, quantization)
         else:
             self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
             self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
@@ -64,14 +69,8 @@ class RoutedExperts(nn.Module):
         if self.fp4 is None:
             self.dense = DenseExperts(self.w13, self.w2)
 
-    def quantize(self, quantization: ExpertQuantization) -> None:
-        """After loading: quantize w13 / w2 and drop the dense copies."""
-        w13, w2 = quantization.quantize(self.w13.detach()), quantization.quantize(self.w2.detach())
-        self.w13 = self.w2 = None
-        self.dense, self.fp4 = None, fp4_moe_for(w13, w2)
-
     def finish_loading(self) -> None:
-        """After loading an NVFP4 checkpoint: the staged tensors become the FP4 backend."""
+        """After loading FP4 experts: the staged tensors become the FP4 backend."""
         if self.staged is not None:
             self.fp4, self.staged = fp4_moe_for(*self.staged.finish()), None
 
@@ -103,10 +102,11 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
+                 quantization: ExpertQuantization | None = None) -> None:
         super().__init__()
         self.gate = Router(cfg, device)
-        self.experts = RoutedExperts(cfg, dtype, device)
+        self.experts = RoutedExperts(cfg, dtype, device, quantization)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, shared, dtype, device) if shared else None
 
