@@ -52,6 +52,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _quantization_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 picks a free port)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may run on before they are aborted")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line, with the request id")
 
 
 def _quantization_arg(p: argparse.ArgumentParser) -> None:
@@ -90,7 +94,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
     import os
 
     from engine.async_engine import EngineStartError
@@ -98,16 +101,18 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.model import ModelConfig
     from engine.server import serve
     from engine.tokenizer import Tokenizer
+    from moeserve.obs.logs import configure_logging
     from moeserve.obs.tracing import setup_tracing
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO", args.log_format)
     ModelConfig.from_dir(args.model)  # a bad checkpoint fails here, before the engine process starts
     try:
         cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, _device(args.device),
                           args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
-                          args.quantization, args.metrics_port)
+                          args.quantization, args.metrics_port, drain_timeout=args.drain_timeout,
+                          log_format=args.log_format)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
         setup_tracing("moeserve-engine", os.environ)  # off unless OTEL_* configures it
         return asyncio.run(serve(cfg, tokenizer))

@@ -8,6 +8,9 @@ blocks the loop. Each request's outputs land in its own asyncio.Queue.
 Cancellation: when the consumer of `generate` stops (client disconnect, deadline), an
 abort goes to the engine, which ends the request at its next step boundary and frees its
 blocks; tokens produced so far are still counted in its final usage.
+
+Shutting down (engine.server's drain): `draining` refuses new requests, `wait_idle` waits
+for those in flight, `abort_all` ends the ones that outlast the drain.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class EngineStartError(RuntimeError):
     """The engine process could not load the model (message says why)."""
 
 
+class EngineDraining(EngineDead):
+    """The engine is shutting down: it lets what runs finish and takes nothing new (gRPC
+    UNAVAILABLE, so that a gateway sends the request to another replica)."""
+
+
 class AsyncEngine:
     def __init__(self, cfg: ServeConfig, on_death: Callable[[], None] = lambda: None) -> None:
         """on_death: called (on the event loop) if the engine process exits unasked."""
@@ -43,6 +51,9 @@ class AsyncEngine:
         self.info: EngineInfo | None = None
         self.latest = EngineStats(0, 0, 0)
         self.dead: Exception | None = None
+        self.draining = False
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
 
     async def start(self) -> EngineInfo:
         """Spawns the engine and waits until its model is loaded."""
@@ -81,10 +92,13 @@ class AsyncEngine:
         """Yields the request's outputs until its last one (finished, with usage).
 
         Raises InvalidRequest before anything is queued when req is invalid, QueueFull when
-        too many requests are in flight, EngineDead when the engine is gone.
+        too many requests are in flight, EngineDead when the engine is gone, EngineDraining
+        once it shuts down.
         """
         if self.dead is not None:
             raise EngineDead(f"the engine stopped: {self.dead}")
+        if self.draining:
+            raise EngineDraining("the engine is draining")
         check_request(req, self.info.config, self.info.vocab_size)
         if req.request_id in self._streams:
             raise ValueError(f"request id {req.request_id!r} is already in flight")
@@ -93,6 +107,7 @@ class AsyncEngine:
             raise QueueFull(f"{len(self._streams)} requests are in flight, the most this engine queues")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = stream
+        self._idle.clear()
         self._inbox.put(("add", req))
         finished = False
         try:
@@ -104,8 +119,32 @@ class AsyncEngine:
                 yield out
         finally:
             self._streams.pop(req.request_id, None)
+            if not self._streams:
+                self._idle.set()
             if not finished and self.dead is None:
                 self._inbox.put(("abort", req.request_id))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def wait_idle(self, timeout: float, cut: asyncio.Event | None = None) -> bool:
+        """Waits until no request is in flight (True), or `timeout` seconds pass or `cut`
+        is set (False)."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._idle, cut) if e is not None]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        return self._idle.is_set()
+
+    def abort_all(self) -> None:
+        """Ends every request in flight at the engine's next step: each stream ends with
+        finish reason ABORT and the usage so far, and its blocks are freed."""
+        if self.dead is None:
+            for rid in self._streams:
+                self._inbox.put(("abort", rid))
 
     def _on_outputs(self) -> None:
         try:

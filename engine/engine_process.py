@@ -22,6 +22,8 @@ import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from moeserve.obs.logs import FORMATS, configure_logging
+
 from engine.core import EngineConfig, EngineCore, EngineStats
 from engine.errors import EngineDead
 from engine.model.fp4_experts import ExpertQuantization
@@ -49,6 +51,8 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     quantization: str | None = None  # routed experts quantized at load: None, "nvfp4" or "mxfp4"
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:port; None = off, 0 = any free port
+    drain_timeout: float = 30.0  # seconds that requests in flight may run on after SIGTERM/SIGINT
+    log_format: str = "text"  # "text" or "json" (moeserve.obs.logs), in both processes
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -61,6 +65,10 @@ class ServeConfig:
             raise ValueError("--max-model-len must be >= 0 and --block-size >= 1")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting)  # validates
         ExpertQuantization.parse(self.quantization)  # validates
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout}")
+        if self.log_format not in FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ def engine_config(cfg: ServeConfig, model) -> EngineConfig:
 def engine_main(cfg: ServeConfig, inbox, outbox: Connection) -> None:
     """Entry point of the engine process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine: %(message)s")
+    configure_logging("INFO", cfg.log_format)
     try:
         core = _build(cfg)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it

@@ -1,4 +1,12 @@
-"""The engine's gRPC server: service Engine, standard health, server reflection."""
+"""The engine's gRPC server: service Engine, standard health, server reflection; and its
+life: serve until a signal, then drain.
+
+Drain (SIGTERM or SIGINT): health turns NOT_SERVING and new generation calls are refused
+with UNAVAILABLE at once, so gateways route elsewhere; requests in flight run to their end
+for up to `--drain-timeout` seconds, after which the rest are aborted (their streams end
+with finish reason ABORT and the usage so far); then the server stops and serve returns 0.
+A second signal during the drain cuts it short the same way.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from moeserve.engine.v1 import engine_pb2, engine_pb2_grpc
+from moeserve.obs.logs import request_id_var
 
 from engine.async_engine import AsyncEngine
 from engine.engine_process import ServeConfig
@@ -20,11 +29,23 @@ from .servicer import EngineServicer
 
 log = logging.getLogger(__name__)
 SERVICE = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+ABORT_WAIT = 5.0  # seconds for aborted requests to end before their calls are cancelled
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Puts the caller's `x-request-id` metadata (the gateway's request id) into the context
+    the RPC's handler runs in, so that what it logs carries the id."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        for key, value in details.invocation_metadata or ():
+            if key == "x-request-id" and isinstance(value, str):
+                request_id_var.set(value)
+        return await continuation(details)
 
 
 def build_server(engine: AsyncEngine, tokenizer: Tokenizer, name: str, address: str,
                  metrics: EngineMetrics) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=[
         ("grpc.max_receive_message_length", 64 << 20),
         # let clients (the gateway) detect a hung engine with keepalive pings, even when idle
         ("grpc.keepalive_permit_without_calls", 1),
@@ -40,9 +61,10 @@ def build_server(engine: AsyncEngine, tokenizer: Tokenizer, name: str, address: 
 
 
 async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> int:
-    """Starts the engine process, then serves until SIGINT/SIGTERM (returns 0) or until the
-    engine process dies (returns 1, after failing the requests in flight), so that a
-    supervisor restarts the service instead of leaving a server without an engine.
+    """Starts the engine process, then serves until SIGINT/SIGTERM (drains, then returns 0)
+    or until the engine process dies (returns 1 at once, after failing the requests in
+    flight), so that a supervisor restarts the service instead of leaving a server without
+    an engine.
 
     Raises EngineStartError when the engine cannot load the model."""
     stop = asyncio.Event()
@@ -57,17 +79,19 @@ async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> int:
         if cfg.metrics_port is not None:
             metrics_runner, metrics_port = await start_metrics_server(metrics, engine.stats, cfg.host, cfg.metrics_port)
             print(f"engine metrics on http://{cfg.host}:{metrics_port}/metrics", flush=True)
-        for svc in ("", SERVICE):
-            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d", name, cfg.host, port)
-        print(f"engine serving {name} on {cfg.host}:{port}", flush=True)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # before anyone is told we serve: a signal then drains
             try:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests)
                 pass
+        for svc in ("", SERVICE):
+            await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", name, cfg.host, port)
+        print(f"engine serving {name} on {cfg.host}:{port}", flush=True)
         await stop.wait()
+        if engine.dead is None:
+            await drain(engine, health_servicer, cfg.drain_timeout, stop)
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
@@ -75,3 +99,20 @@ async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> int:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
     return 1 if engine.dead is not None else 0
+
+
+async def drain(engine: AsyncEngine, health_servicer: health.aio.HealthServicer, timeout: float,
+                cut: asyncio.Event) -> None:
+    """Refuses new work at once, lets the requests in flight run for up to `timeout` seconds
+    (less if `cut` is set again: a second signal, or the engine dying), then aborts the rest
+    and waits briefly for their final messages."""
+    await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+    engine.draining = True
+    cut.clear()
+    log.info("draining: %d requests in flight, waiting up to %gs for them", engine.in_flight, timeout)
+    if await engine.wait_idle(timeout, cut):
+        log.info("drained: no request in flight")
+        return
+    log.warning("drain over with %d requests in flight: aborting them", engine.in_flight)
+    engine.abort_all()
+    await engine.wait_idle(ABORT_WAIT)  # aborts land at the engine's next step boundary
