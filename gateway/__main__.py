@@ -3,8 +3,8 @@
 
 A bad flag or file prints one `error:` line and exits 2. When listening, prints
 `gateway serving on http://HOST:PORT` (the real port when --port is 0) and serves until
-SIGINT or SIGTERM. The key secret comes from --key-secret-file, else from the
-environment variable MOESERVE_KEY_SECRET (read here only).
+SIGINT or SIGTERM, then drains (gateway.app.drain) and exits 0. The key secret comes from
+--key-secret-file, else from the environment variable MOESERVE_KEY_SECRET (read here only).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from moeserve.obs.logs import configure_logging
 from moeserve.obs.tracing import TracingConfigError, setup_tracing
 
 from gateway import keys_cli
@@ -62,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                         "--api-key keys are accepted")
     s.add_argument("--key-cache-seconds", type=float, default=5.0, metavar="SECONDS",
                    help="how long a key read from the store is trusted (revokes take this long at most)")
+    s.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may run on before they are cancelled")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line, with the request id")
     keys_cli.add_parser(sub)
     return p
 
@@ -88,18 +93,21 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     # A secret from the environment does not contradict --no-auth; one from a flag does.
     secret = read_secret(args.key_secret_file) if args.key_secret_file or not args.no_auth else None
     return GatewayConfig(engines, args.host, args.port, keys, args.no_auth, prices, args.max_body_bytes,
-                         args.health_interval, args.max_backoff, args.usage_db, secret, args.key_cache_seconds)
+                         args.health_interval, args.max_backoff, args.usage_db, secret, args.key_cache_seconds,
+                         args.drain_timeout)
 
 
 async def serve(cfg: GatewayConfig) -> None:
     from aiohttp import web
 
-    from gateway.app import build_app
+    from gateway.app import build_app, drain
     from gateway.state import SERVICES
 
     app = await build_app(cfg)
     # handler_cancellation: a client that disconnects cancels its handler, and so its gRPC call.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # access_log=None: the edge middleware writes the access lines, with the request id.
+    # shutdown_timeout: after the drain only answers being written out remain.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     try:
@@ -107,19 +115,20 @@ async def serve(cfg: GatewayConfig) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the line that says we serve: a signal then drains
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     host, port = runner.addresses[0][:2]
     store = app[SERVICES].store
     print(f"gateway serving on http://{host}:{port} (engines: {', '.join(cfg.engines)}; usage store: {store!r})",
           flush=True)
     if cfg.key_secret is None and not cfg.no_auth:
         log.warning("no key secret (--key-secret-file or %s): only command-line keys are accepted", SECRET_ENV)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        await drain(app, site, cfg.drain_timeout, stop)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # closes the connections left, then the pool and the ledger (flushed)
 
 
 def keys_command(args: argparse.Namespace) -> int:
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         setup_tracing("moeserve-gateway", os.environ)  # off unless OTEL_* configures it
         asyncio.run(serve(config_from_args(args)))

@@ -8,21 +8,26 @@ ready); /metrics. /health and /metrics need no key; everything under /v1 needs
 is admitted only while the usage store is up (else 503), its key is within its budget
 (else 429 insufficient_quota) and its rate limits (else 429 rate_limit_exceeded); the
 rate-limit headers go on every answer to a key that has limits. Every error leaves as
-OpenAI's error shape; nothing leaks a trace.
+OpenAI's error shape; nothing leaks a trace. Each request logs one access line, and everything
+logged while it runs carries its request id (moeserve.obs.logs). On shutdown, `drain`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 
 from aiohttp import web
 from moeserve.obs import tracing
+from moeserve.obs.logs import request_id_var
 
 from gateway.config import ConfigError, GatewayConfig
-from gateway.errors import ApiError, insufficient_quota, internal, store_unavailable
+from gateway.errors import SERVER, ApiError, insufficient_quota, internal, store_unavailable
 from gateway.generate import resolve_model
 from gateway.handlers import chat_completions, completions
 from gateway.keys import KeyDirectory
@@ -35,7 +40,79 @@ from gateway.store import SchemaTooNew, StoreUnavailable, UsageStore, store_for
 from gateway.usage_api import usage_records, usage_totals
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_GONE = 499  # the access log's status of a request whose handler was cancelled (nginx's convention)
+
+
+class Drain:
+    """The requests in flight, and whether the gateway is shutting down. Event loop only.
+
+    Once `draining`, /health answers 503 and new API requests 503 with `Connection: close`;
+    `wait` lets the requests in flight finish, `cancel` ends those that outlast the drain
+    (their handlers bill what they produced, as aborted)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._tasks: set[asyncio.Task] = set()  # aiohttp runs each request in a task of its own
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+
+    async def wait(self, timeout: float, cut: asyncio.Event | None = None) -> bool:
+        """Until no request is in flight (True), or `timeout` seconds pass or `cut` is set (False)."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._idle, cut) if e is not None]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        return self._idle.is_set()
+
+    async def cancel(self, timeout: float) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.wait(timeout)
+
+
+DRAIN = web.AppKey("drain", Drain)
+CANCEL_WAIT = 5.0  # seconds for cancelled handlers to record their usage
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "The gateway is shutting down; retry the request", SERVER, None, "draining",
+                    {"Retry-After": "1"})
+
+
+async def drain(app: web.Application, site: web.BaseSite, timeout: float, cut: asyncio.Event) -> None:
+    """SIGTERM/SIGINT: /health and new API requests answer 503 and the listening socket closes,
+    at once; the requests in flight run on for up to `timeout` seconds (less if `cut` is set
+    again: a second signal), then the rest are cancelled."""
+    state = app[DRAIN]
+    state.draining = True
+    cut.clear()
+    await site.stop()
+    log.info("draining: %d requests in flight, waiting up to %gs for them", state.in_flight, timeout)
+    if await state.wait(timeout, cut):
+        log.info("drained: no request in flight")
+        return
+    log.warning("drain over with %d requests in flight: cancelling them", state.in_flight)
+    await state.cancel(CANCEL_WAIT)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
@@ -81,24 +158,40 @@ async def traced(request: web.Request, handler) -> web.StreamResponse:
 async def edge(request: web.Request, handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request["request_id"] = given if REQUEST_ID.match(given) else f"req-{uuid.uuid4().hex}"
+    request_id_var.set(request["request_id"])  # the request's own task: everything it logs carries the id
+    drain = request.app[DRAIN]
     start = time.perf_counter()
     try:
-        response = await handler(request)
+        with drain.track():
+            if drain.draining and request.path.startswith("/v1/"):
+                raise shutting_down()
+            response = await handler(request)
     except ApiError as err:
         response = _error_response(err, request["request_id"])
     except web.HTTPException as exc:
         response = _error_response(_http_error(request, exc), request["request_id"])
-    except ConnectionResetError:
+    except (asyncio.CancelledError, ConnectionResetError):  # the client left, or the drain ran out
+        _log_access(request, CLIENT_GONE, start)
         raise
     except Exception:  # noqa: BLE001 - logged with its trace here, answered without it
         log.exception("%s unexpected error", request["request_id"])
         response = _error_response(internal(), request["request_id"])
     if not response.prepared:
         response.headers.setdefault("X-Request-Id", request["request_id"])
+        if drain.draining:
+            response.force_close()  # Connection: close, so that the client's next request goes elsewhere
     m = services(request).metrics
     m.requests.inc(1, route=_route(request), status=str(response.status))
     m.duration.observe(time.perf_counter() - start, route=_route(request))
+    _log_access(request, response.status, start)
     return response
+
+
+def _log_access(request: web.Request, status: int, start: float) -> None:
+    """One line per request, after its answer (a stream: after its last event)."""
+    ms = round((time.perf_counter() - start) * 1000, 1)
+    access_log.info("%s %s %s %d %.1fms", request["request_id"], request.method, request.path, status, ms,
+                    extra={"method": request.method, "path": request.path, "status": status, "duration_ms": ms})
 
 
 @web.middleware
@@ -154,8 +247,9 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     pool = services(request).pool
     ready = len(pool.ready_replicas())
-    body = {"status": "ok" if ready else "unavailable", "engines_ready": ready, "engines": len(pool.replicas)}
-    return web.json_response(body, status=200 if ready else 503)
+    status = "draining" if request.app[DRAIN].draining else "ok" if ready else "unavailable"
+    body = {"status": status, "engines_ready": ready, "engines": len(pool.replicas)}
+    return web.json_response(body, status=200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -195,6 +289,7 @@ async def build_app(cfg: GatewayConfig) -> web.Application:
     ledger = Ledger(store, keys, limiter)
     app = web.Application(middlewares=[traced, edge, auth, admit], client_max_size=cfg.max_body_bytes)
     app[SERVICES] = Services(pool, cfg.prices, GatewayMetrics(), store, keys, limiter, ledger, cfg.max_body_bytes)
+    app[DRAIN] = Drain()
     add_routes(app)
     app.on_response_prepare.append(ratelimit_headers)
 

@@ -54,6 +54,8 @@ class GatewayConfig:
     key_secret: bytes | None = field(default=None, repr=False)
     # How long a key looked up in the store is trusted before it is read again.
     key_cache_seconds: float = 5.0
+    # After SIGTERM/SIGINT, how long requests in flight may run on before they are cancelled.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -87,3 +89,5 @@ class GatewayConfig:
             raise ConfigError(f"--max-body-bytes: must be at least 1024, got {self.max_body_bytes}")
         if not 0 < self.health_interval <= 60 or not self.health_interval <= self.max_backoff <= 600:
             raise ConfigError("--health-interval must be in (0, 60] seconds and at most --max-backoff (<= 600)")
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ConfigError(f"--drain-timeout: must be a number of seconds >= 0, got {self.drain_timeout}")
