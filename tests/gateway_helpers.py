@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from moeserve.engine.v1 import engine_pb2 as pb
 
-from engine_server import ROOT, EngineProcess, stop_process, wait_for_line
+from engine_server import ROOT, EngineProcess, drain, stop_process, wait_for_line
 from helpers import make_serving_checkpoint
 
 KEY = "sk-moeserve-test-key"
@@ -44,23 +43,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def drain(proc: subprocess.Popen, log: list[str]) -> threading.Thread:
-    """Keeps reading a child's output into `log` so that it never blocks on a full pipe,
-    until the pipe ends or is closed by the process's stop()."""
-    def read() -> None:
-        try:
-            log.extend(iter(proc.stdout.readline, ""))
-        except (ValueError, OSError):  # closed under us by stop()
-            pass
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return thread
-
-
 def start_engine(*flags: str, name: str = MODEL, port: int = 0) -> EngineProcess:
-    engine = EngineProcess(serving_model(), "--served-model-name", name, "--port", str(port), *flags)
-    drain(engine.proc, engine.log)
-    return engine
+    return EngineProcess(serving_model(), "--served-model-name", name, "--port", str(port), *flags)
 
 
 def temp_usage_db() -> str:
@@ -77,7 +61,7 @@ class GatewayProcess:
     def __init__(self, engines: list[str], *flags: str, keys: tuple[str, ...] = (KEY,),
                  env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "gateway", "serve", "--engine", ",".join(engines), "--port", "0",
-               "--health-interval", "0.2", "--max-backoff", "0.5", *flags]
+               "--health-interval", "0.2", "--max-backoff", "0.5", "--drain-timeout", "10", *flags]
         if "--usage-db" not in flags:
             cmd += ["--usage-db", temp_usage_db()]
         for key in keys:
@@ -88,7 +72,7 @@ class GatewayProcess:
                                      env=env)
         self.log: list[str] = []
         self.url = self._wait_for_url()
-        drain(self.proc, self.log)
+        self.reader = drain(self.proc, self.log)
         self.base_url = self.url + "/v1"
 
     def _wait_for_url(self) -> str:
@@ -111,7 +95,7 @@ class GatewayProcess:
         raise TimeoutError(f"gateway not ready with {engines} engines: {self.health()}\n" + "".join(self.log))
 
     def stop(self) -> int:
-        return stop_process(self.proc)
+        return stop_process(self.proc, self.reader, self.log)
 
     def kill(self) -> int:
         """SIGKILL: no cleanup of any kind in the gateway."""
