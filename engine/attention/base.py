@@ -39,6 +39,10 @@ class AttentionMetadata:
     block_tables: [S, M] int32, the cache blocks of each sequence in order
     slot_mapping: [T] int64, flat cache row (block * B + offset) each new token is written to
     num_decodes:  how many leading sequences are decodes (query_len 1 and decoding, not prefill)
+    seq_lens_tensor: [S] int64 on the device, set only for a decode step recorded in a CUDA
+                  graph (`engine.cuda_graphs`). A recording replays with other lengths, so
+                  there `seq_lens` holds the lengths it was recorded with, and the attention
+                  that runs in it reads this tensor instead.
     """
 
     query_lens: tuple[int, ...]
@@ -47,6 +51,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int = 0
     path: MLAPath = MLAPath.AUTO
+    seq_lens_tensor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.seq_lens) or len(self.seq_lens) != self.block_tables.shape[0]:
@@ -57,6 +62,9 @@ class AttentionMetadata:
             raise ValueError("decodes must come first in the batch, one token each")
         if self.slot_mapping.numel() != self.num_tokens:
             raise ValueError(f"slot_mapping has {self.slot_mapping.numel()} rows for {self.num_tokens} tokens")
+        if self.seq_lens_tensor is not None and self.seq_lens_tensor.shape != (len(self.seq_lens),):
+            raise ValueError(f"seq_lens_tensor has shape {list(self.seq_lens_tensor.shape)} for "
+                             f"{len(self.seq_lens)} sequences")
 
     @property
     def num_tokens(self) -> int:
@@ -70,9 +78,10 @@ class AttentionMetadata:
     def sequences(self, start: int, stop: int) -> "AttentionMetadata":
         """The sub-batch of sequences [start, stop), with its own token rows."""
         t0, t1 = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
+        lens = None if self.seq_lens_tensor is None else self.seq_lens_tensor[start:stop]
         return AttentionMetadata(
             self.query_lens[start:stop], self.seq_lens[start:stop], self.block_tables[start:stop],
-            self.slot_mapping[t0:t1], max(0, min(self.num_decodes, stop) - start), self.path)
+            self.slot_mapping[t0:t1], max(0, min(self.num_decodes, stop) - start), self.path, lens)
 
     def token_range(self, start: int, stop: int) -> slice:
         return slice(sum(self.query_lens[:start]), sum(self.query_lens[:stop]))
@@ -87,6 +96,26 @@ class AttentionMetadata:
         if n < n_seqs:
             parts.append((self.token_range(n, n_seqs), self.sequences(n, n_seqs), False))
         return tuple(parts)
+
+
+class GraphDecodeAttention(ABC):
+    """A backend's own way to run the absorbed attention of decode steps inside CUDA graphs
+    (see `AttentionBackend.graph_decode`), for the fixed batch sizes a graph runner records.
+
+    Contract: `plan` runs outside any recording, before a batch size is recorded and before
+    each of its replays, with that replay's batch; `absorbed` runs inside the recording, once
+    per layer, and reads only buffers whose addresses never change. P = recorded batch size.
+    """
+
+    @abstractmethod
+    def plan(self, seq_lens: list[int], block_tables: list[list[int]]) -> None:
+        """The batch about to run, padding rows included: lengths (host ints, length P, each
+        >= 1) and each sequence's cache blocks (at least ceil(seq_len / B) of them)."""
+
+    @abstractmethod
+    def absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """As `AttentionBackend.absorbed` for the batch last planned with P sequences:
+        q_latent [P, H, Ckv]; q_pe [P, H, R]; cache [N, B, Ckv + R]. Returns [P, H, Ckv]."""
 
 
 class AttentionBackend(ABC):
@@ -104,6 +133,15 @@ class AttentionBackend(ABC):
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Prepares per-step work (index buffers, kernel plans). Default: nothing to do."""
+
+    def graph_decode(self, max_batch: int, max_blocks: int, heads: int, scale: float, latent_dim: int,
+                     cache: torch.Tensor) -> GraphDecodeAttention | None:
+        """This backend's CUDA-graph mode for decode batches of up to max_batch sequences of up
+        to max_blocks blocks each, for a model with `heads` heads, softmax `scale` and
+        latent width `latent_dim` (Ckv); cache is one layer's [N, B, Ckv + R] (block size,
+        dtype, device). None where it has none for these dims (the default): recorded steps
+        then run the graph runner's padded torch attention."""
+        return None
 
     def write_kv(self, cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  meta: AttentionMetadata) -> None:
