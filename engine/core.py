@@ -11,6 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
+from engine.cuda_graphs import cuda_graph_config
 from engine.errors import InvalidRequest
 from engine.kv_manager import KVCacheManager
 from engine.model import DeepseekV3ForCausalLM
@@ -31,6 +32,7 @@ class EngineConfig:
     block_size: int = 16
     scheduler: SchedulerConfig = SchedulerConfig()
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs where the model runs on CUDA and can be recorded
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2 or self.block_size < 1 or self.num_blocks < 1:
@@ -103,7 +105,9 @@ class EngineCore:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(model, self.kv, config.num_blocks)
+        graphs = cuda_graph_config(model, config.scheduler.max_num_seqs, config.max_model_len,
+                                   config.block_size) if config.cuda_graphs else None
+        self.runner = ModelRunner(model, self.kv, config.num_blocks, graphs)
         self.sampler = Sampler()
         self.logprobs = LogprobFormatter(tokenizer)
         self.requests: dict[str, tuple[EngineRequest, list[_SeqState]]] = {}
