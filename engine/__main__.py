@@ -52,6 +52,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _quantization_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; 0 picks a free port)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly (no CUDA graphs; they are recorded by default on CUDA)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long requests in flight may run on before they are aborted")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -112,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
                           args.quantization, args.metrics_port, drain_timeout=args.drain_timeout,
-                          log_format=args.log_format)
+                          log_format=args.log_format, enforce_eager=args.enforce_eager)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
         setup_tracing("moeserve-engine", os.environ)  # off unless OTEL_* configures it
         return asyncio.run(serve(cfg, tokenizer))

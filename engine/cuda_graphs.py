@@ -291,7 +291,7 @@ class CudaGraphRunner:
             return graph, graph.capture(lambda: model(ids, positions, cache, meta))
         except RuntimeError as exc:
             raise RuntimeError(f"recording the decode step of {size} sequences failed ({exc}); "
-                               "turn CUDA graphs off to serve this model (EngineConfig.cuda_graphs)") from exc
+                               "turn CUDA graphs off to serve this model (engine serve --enforce-eager)") from exc
 
     def fits(self, query_lens: list[int], block_tables: list[list[int]]) -> bool:
         """Whether a step can replay a recording: decodes only, few enough, tables narrow enough."""

@@ -53,6 +53,7 @@ class ServeConfig:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host:port; None = off, 0 = any free port
     drain_timeout: float = 30.0  # seconds that requests in flight may run on after SIGTERM/SIGINT
     log_format: str = "text"  # "text" or "json" (moeserve.obs.logs), in both processes
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (they are recorded by default on CUDA)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -92,12 +93,16 @@ def engine_config(cfg: ServeConfig, model) -> EngineConfig:
     if cfg.max_model_len > limit:
         raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds what the model and KV cache allow ({limit})")
     sched = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting)
-    return EngineConfig(cfg.max_model_len or limit, num_blocks, cfg.block_size, sched, cfg.enable_prefix_caching)
+    return EngineConfig(cfg.max_model_len or limit, num_blocks, cfg.block_size, sched, cfg.enable_prefix_caching,
+                        cuda_graphs=not cfg.enforce_eager)
 
 
 def engine_main(cfg: ServeConfig, inbox, outbox: Connection) -> None:
     """Entry point of the engine process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop
+    # The server process decides when to stop: a signal to the whole process group (Ctrl-C,
+    # systemd's default KillMode) must start its drain, not kill the engine under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging("INFO", cfg.log_format)
     try:
         core = _build(cfg)

@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.async_engine import EngineDraining
 from engine.errors import InvalidRequest, QueueFull
 from engine.request import RequestOutput, RequestTimings, Usage
 from engine.sequence import FinishReason
@@ -24,7 +25,7 @@ class Outcome(enum.StrEnum):
     LENGTH = "length"
     TOOL_CALLS = "tool_calls"
     CANCELLED = "cancelled"  # the client cancelled the RPC or its deadline passed
-    REJECTED = "rejected"  # invalid input or a full queue: never reached the engine loop
+    REJECTED = "rejected"  # invalid input, a full queue or a draining engine: never reached the engine loop
     ERROR = "error"  # the engine failed while the request ran
 
 
@@ -54,7 +55,7 @@ class RequestRecord:
             self.usage, self.timings = out.usage, out.timings
 
     def on_error(self, exc: BaseException) -> None:
-        self.outcome = Outcome.REJECTED if isinstance(exc, (InvalidRequest, QueueFull)) else Outcome.ERROR
+        self.outcome = Outcome.REJECTED if isinstance(exc, (InvalidRequest, QueueFull, EngineDraining)) else Outcome.ERROR
 
     def end(self) -> None:
         """Called once, however the stream ended; an unfinished stream was cancelled."""
