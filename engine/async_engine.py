@@ -20,6 +20,8 @@ import logging
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable
 
+from moeserve.aio import wait_for_event
+
 from engine.core import EngineStats, check_request
 from engine.engine_process import EngineInfo, ServeConfig, engine_main
 from engine.errors import EngineDead, QueueFull
@@ -131,13 +133,7 @@ class AsyncEngine:
     async def wait_idle(self, timeout: float, cut: asyncio.Event | None = None) -> bool:
         """Waits until no request is in flight (True), or `timeout` seconds pass or `cut`
         is set (False)."""
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self._idle, cut) if e is not None]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        return self._idle.is_set()
+        return await wait_for_event(self._idle, timeout, cut)
 
     def abort_all(self) -> None:
         """Ends every request in flight at the engine's next step: each stream ends with

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 
 from aiohttp import web
+from moeserve.aio import wait_for_event
 from moeserve.obs import tracing
 from moeserve.obs.logs import request_id_var
 
@@ -76,13 +77,7 @@ class Drain:
 
     async def wait(self, timeout: float, cut: asyncio.Event | None = None) -> bool:
         """Until no request is in flight (True), or `timeout` seconds pass or `cut` is set (False)."""
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self._idle, cut) if e is not None]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        return self._idle.is_set()
+        return await wait_for_event(self._idle, timeout, cut)
 
     async def cancel(self, timeout: float) -> None:
         for task in self._tasks:
