@@ -10,13 +10,12 @@ and KV cache use it last reported (refreshed every --health-interval).
 
 from __future__ import annotations
 
-from moeserve.obs.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
+from moeserve.obs.prometheus import CONTENT_TYPE, TOKEN_GAP_BUCKETS, Counter, Gauge, Histogram, Registry
 
 from gateway.pool import EnginePool
 from gateway.store import UsageRecord
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
-TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class GatewayMetrics(Registry):

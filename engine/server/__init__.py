@@ -17,7 +17,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from moeserve.engine.v1 import engine_pb2, engine_pb2_grpc
+from moeserve.engine.v1 import engine_pb2_grpc
 from moeserve.obs.logs import request_id_var
 
 from engine.async_engine import AsyncEngine
@@ -25,10 +25,9 @@ from engine.engine_process import ServeConfig
 from engine.tokenizer import Tokenizer
 
 from .metrics import EngineMetrics, start_metrics_server
-from .servicer import EngineServicer
+from .servicer import SERVICE, EngineServicer
 
 log = logging.getLogger(__name__)
-SERVICE = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 ABORT_WAIT = 5.0  # seconds for aborted requests to end before their calls are cancelled
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from moeserve.obs.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
+from moeserve.obs.prometheus import CONTENT_TYPE, TOKEN_GAP_BUCKETS, Counter, Gauge, Histogram, Registry
 
 from engine.core import EngineStats
 
 from .observe import Outcome, RequestRecord
 
 log = logging.getLogger(__name__)
-TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class EngineMetrics(Registry):
