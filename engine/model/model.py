@@ -10,6 +10,8 @@ Legend: T = tokens in the step, D = hidden size, V = vocabulary, L = layers.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -19,8 +21,11 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, empty_param
 from .mla import MLA
 from .fp4_experts import ExpertQuantization
+from .fused_cpu import FusedCpuDecoder
 from .moe import MoE, RoutedExperts
 from .rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
 
 
 class DecoderLayer(nn.Module):
@@ -60,6 +65,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
         self.rotary = RotaryEmbedding(cfg, device)
         self.attention: AttentionBackend = get_attention_backend(attention)
+        self.fused_decode: FusedCpuDecoder | None = None  # set by finish_loading where it applies
 
     def checkpoint_slots(self) -> dict[str, torch.Tensor]:
         """Every checkpoint tensor name (Hugging Face layout) -> the tensor it is copied into.
@@ -84,7 +90,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def finish_loading(self) -> None:
         """Derives what the forward pass precomputes from the loaded weights: MLA's absorbed
         matrices, FP4 experts from an NVFP4 checkpoint, and on a bf16 CPU prepacked GEMM
-        weights and dense small-batch MoE."""
+        weights, dense small-batch MoE and the fused decode step."""
         for layer in self.model.layers:
             layer.self_attn.absorb_weights()
         for experts in self.routed_experts():
@@ -96,6 +102,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                 module.pack()
             if isinstance(module, RoutedExperts):
                 module.use_dense_for_small_batches()
+        self.fused_decode, reason = FusedCpuDecoder.of(self)
+        log.info("decode steps: %s", "fused C++ (kernels/csrc/cpu_decode.cpp)" if reason is None
+                 else f"Python model ({reason})")
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
         """The paged cache for every layer: [L, N, B, kv_lora_rank + rope dim], zeroed."""
@@ -110,6 +119,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         Writes the new tokens' latents into kv_cache at meta.slot_mapping.
         """
+        if self.fused_decode is not None and self.fused_decode.takes(meta):
+            return self.fused_decode(input_ids, positions, kv_cache, meta)
         self.attention.plan(meta)
         x = self.model.embed_tokens.weight[input_ids]
         rope = self.rotary(positions)

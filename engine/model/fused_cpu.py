@@ -1,0 +1,89 @@
+"""The fused bf16 CPU decode step (kernels/csrc/cpu_decode.cpp) wired to a loaded model.
+
+A decode-only step (one new token per sequence, at most MAX_TOKENS of them) of a bf16 model
+on the CPU runs every layer in one C++ call that shares the model's own tensors: the
+prepacked GEMM weights, MLA's absorbed matrices, the routed experts' packed copies. Every
+other step, and any model it cannot take (no q LoRA, FP4 experts), goes through the Python
+forward, the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionMetadata, MLAPath
+from kernels import cpu_decode
+from kernels.cpu_gemm import PackedWeight
+from kernels.moe_cpu import DENSE_MAX_TOKENS
+
+from .moe import MoE
+
+MAX_TOKENS = DENSE_MAX_TOKENS  # the extension runs batches of 2+ through the dense all-experts MoE
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot decode through the extension, or None when it can."""
+    cfg = model.cfg
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return "only bf16 models on the CPU"
+    if not cfg.q_lora_rank:
+        return "the model has no q LoRA"
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if attn.fused_a_proj.packed is None or attn.w_uk is None:
+            return "weights are not prepacked (oneDNN)"
+        experts = layer.mlp.experts if isinstance(layer.mlp, MoE) else None
+        if experts is not None and (experts.dense is None or not isinstance(experts.dense.up, PackedWeight)):
+            return "routed experts are not dense bf16 (FP4)"
+    return cpu_decode.disabled_reason()
+
+
+class FusedCpuDecoder:
+    def __init__(self, model, ext) -> None:
+        cfg = model.cfg
+        dims = [cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group,
+                cfg.topk_group, cfg.moe_intermediate_size]
+        scalars = [cfg.routed_scaling_factor, cfg.rms_norm_eps, cfg.softmax_scale, model.rotary.attention_factor]
+        body = model.model
+        self.decoder = ext.Decoder(dims, cfg.norm_topk_prob, scalars, body.embed_tokens.weight, body.norm.weight,
+                                   model.rotary.inv_freq)
+        for layer in body.layers:
+            attn = layer.self_attn
+            tensors = dict(in_norm=layer.input_layernorm.weight, fused_a=attn.fused_a_proj.packed.packed,
+                           qa_norm=attn.q_a_layernorm.weight, q_b=attn.q_b_proj.packed.packed,
+                           kva_norm=attn.kv_a_layernorm.weight, w_uk=attn.w_uk, w_uv_t=attn.w_uv_t,
+                           o_proj=attn.o_proj.packed.packed, post_norm=layer.post_attention_layernorm.weight)
+            mlp, up, down = layer.mlp, [], []
+            if isinstance(mlp, MoE):
+                dense = mlp.experts.dense
+                tensors.update(router_w=mlp.gate.weight, router_bias=mlp.gate.e_score_correction_bias,
+                               up_all=dense.up.packed, down_all=dense.down.packed)
+                up, down = [w.packed for w in dense.expert_up], [w.packed for w in dense.expert_down]
+                mlp = mlp.shared_experts
+            if mlp is not None:
+                tensors.update(gate_up=mlp.gate_up_proj.packed.packed, down=mlp.down_proj.packed.packed)
+            self.decoder.add_layer(tensors, up, down)
+
+    @classmethod
+    def of(cls, model) -> tuple["FusedCpuDecoder | None", str | None]:
+        """(the decoder, None) or (None, why not)."""
+        reason = unsupported(model)
+        if reason is not None:
+            return None, reason
+        ext = cpu_decode.load()
+        if ext is None:
+            return None, cpu_decode.why_unavailable()
+        return cls(model, ext), None
+
+    @staticmethod
+    def takes(meta: AttentionMetadata) -> bool:
+        n = len(meta.query_lens)
+        return meta.num_decodes == n and n <= MAX_TOKENS and meta.path is MLAPath.AUTO and meta.seq_lens_tensor is None
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """As DeepseekV3ForCausalLM.forward for a step `takes` accepts: hidden [T, D]."""
+        lens = torch.tensor(meta.seq_lens, dtype=torch.int64)
+        return self.decoder.forward(input_ids, positions, meta.slot_mapping, meta.block_tables.contiguous(), lens,
+                                    kv_cache)

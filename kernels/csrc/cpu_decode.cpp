@@ -1,0 +1,489 @@
+// Fused bf16 decode step of DeepSeek-V3 on x86 CPUs: every layer of a decode-only batch
+// (one new token per sequence) in one C++ call.
+//
+// The Python model (engine/model) is the specification and stays the path for prefill,
+// mixed steps, fp32 and FP4 experts. At decode its cost on a small CPU is not the math but
+// the few hundred tiny ops per step: each pays Python and dispatcher overhead and most
+// allocate. Here GEMMs still go to oneDNN through the same prepacked weights
+// (mkldnn::_linear_pointwise, as kernels/cpu_gemm.py), and everything between them (RMSNorm,
+// rope, the cache write, MLA's weight absorption, paged attention, routing, SwiGLU, residual
+// adds) is plain loops over the step's rows, with no intermediate tensors.
+//
+// Rounding follows the Python path: bf16 wherever it keeps a bf16 tensor (normed rows before
+// the weight, rope outputs, silu, products, residual sums), fp32 inside attention and
+// routing. Attention is fp32 throughout, as the reference backend (torch_backend.py).
+//
+// Legend: T = tokens (= sequences), D = hidden, H = heads, Dn = nope dim, R = rope dim,
+// Dv = v dim, C = kv_lora_rank, W = C + R (cache row), E = routed experts, K = experts per
+// token, I = expert intermediate, B = block size.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline float f32(bf16 v) { return static_cast<float>(v); }
+inline bf16 round_bf16(float v) { return bf16(v); }
+
+// y = x W^T through oneDNN with a weight prepacked by torch.ops.mkldnn._reorder_linear_weight.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
+                                 c10::List<std::optional<at::Scalar>>(), std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// sum_i a[i] * b[i], fp32 a, bf16 b; 16 independent lanes so the compiler vectorizes it.
+inline float dot_f32_bf16(const float* a, const bf16* b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * f32(b[i + k]);
+  float s = 0;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; i < n; ++i) s += a[i] * f32(b[i]);
+  return s;
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
+  float s = 0;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// scores[h * len + p] = q[h] . ctx[p]: nh query rows and len context rows, both W wide (fp32).
+// With AVX-512, blocks of 8 heads x 2 rows share their loads (16 accumulators in registers).
+inline void score_rows(const float* q, const float* ctx, float* scores, int64_t nh, int64_t len, int64_t W) {
+  int64_t h0 = 0;
+#if defined(__AVX512F__)
+  if (W % 16 == 0) {
+    for (; h0 + 8 <= nh; h0 += 8) {
+      int64_t p = 0;
+      for (; p + 2 <= len; p += 2) {
+        __m512 a0[8], a1[8];
+        for (int k = 0; k < 8; ++k) a0[k] = a1[k] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < W; j += 16) {
+          const __m512 r0 = _mm512_loadu_ps(ctx + p * W + j), r1 = _mm512_loadu_ps(ctx + (p + 1) * W + j);
+          for (int k = 0; k < 8; ++k) {
+            const __m512 qv = _mm512_loadu_ps(q + (h0 + k) * W + j);
+            a0[k] = _mm512_fmadd_ps(qv, r0, a0[k]);
+            a1[k] = _mm512_fmadd_ps(qv, r1, a1[k]);
+          }
+        }
+        for (int k = 0; k < 8; ++k) {
+          scores[(h0 + k) * len + p] = _mm512_reduce_add_ps(a0[k]);
+          scores[(h0 + k) * len + p + 1] = _mm512_reduce_add_ps(a1[k]);
+        }
+      }
+      for (; p < len; ++p)
+        for (int k = 0; k < 8; ++k) scores[(h0 + k) * len + p] = dot_f32(q + (h0 + k) * W, ctx + p * W, W);
+    }
+  }
+#endif
+  for (; h0 < nh; ++h0)
+    for (int64_t p = 0; p < len; ++p) scores[h0 * len + p] = dot_f32(q + h0 * W, ctx + p * W, W);
+}
+
+// acc[h * C + j] = sum_p probs[h * len + p] * ctx[p * W + j] for the first C of ctx's W columns.
+// With AVX-512, 8 heads x 32 columns of accumulators stay in registers across all rows.
+inline void mix_rows(const float* probs, const float* ctx, float* acc, int64_t nh, int64_t len, int64_t W,
+                     int64_t C) {
+  int64_t h0 = 0;
+#if defined(__AVX512F__)
+  if (C % 32 == 0) {
+    for (; h0 + 8 <= nh; h0 += 8)
+      for (int64_t j = 0; j < C; j += 32) {
+        __m512 a0[8], a1[8];
+        for (int k = 0; k < 8; ++k) a0[k] = a1[k] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < len; ++p) {
+          const __m512 r0 = _mm512_loadu_ps(ctx + p * W + j), r1 = _mm512_loadu_ps(ctx + p * W + j + 16);
+          for (int k = 0; k < 8; ++k) {
+            const __m512 w = _mm512_set1_ps(probs[(h0 + k) * len + p]);
+            a0[k] = _mm512_fmadd_ps(w, r0, a0[k]);
+            a1[k] = _mm512_fmadd_ps(w, r1, a1[k]);
+          }
+        }
+        for (int k = 0; k < 8; ++k) {
+          _mm512_storeu_ps(acc + (h0 + k) * C + j, a0[k]);
+          _mm512_storeu_ps(acc + (h0 + k) * C + j + 16, a1[k]);
+        }
+      }
+  }
+#endif
+  for (; h0 < nh; ++h0) {
+    float* a = acc + h0 * C;
+    std::fill(a, a + C, 0.0f);
+    for (int64_t p = 0; p < len; ++p) {
+      const float w = probs[h0 * len + p];
+      for (int64_t j = 0; j < C; ++j) a[j] += w * ctx[p * W + j];
+    }
+  }
+}
+
+// RMSNorm as engine/model/layers.py: normalized in fp32, rounded to bf16, times the weight in bf16.
+inline void rms_norm_row(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += f32(x[i + k]) * f32(x[i + k]);
+  float ss = 0;
+  for (int k = 0; k < 16; ++k) ss += acc[k];
+  for (; i < n; ++i) ss += f32(x[i]) * f32(x[i]);
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (i = 0; i < n; ++i) out[i] = round_bf16(f32(w[i]) * f32(round_bf16(f32(x[i]) * r)));
+}
+
+// silu(gate) * up with the Python path's roundings: silu to bf16, then the bf16 product.
+inline bf16 swiglu(bf16 gate, bf16 up) {
+  const float g = f32(gate);
+  return round_bf16(f32(round_bf16(g / (1.0f + std::exp(-g)))) * f32(up));
+}
+
+struct Config {
+  int64_t hidden, heads, q_rank, kv_rank, rope, nope, v_dim;
+  int64_t experts, top_k, n_group, topk_group, moe_inter;
+  bool norm_topk;
+  double routed_scale, eps, softmax_scale, rope_factor;
+};
+
+struct Layer {
+  at::Tensor in_norm, fused_a, qa_norm, q_b, kva_norm, w_uk, w_uv_t, o_proj, post_norm;
+  // dense layers: the MLP; MoE layers: the shared experts (undefined when there are none)
+  at::Tensor gate_up, down;
+  bool moe = false;
+  at::Tensor router_w, router_bias, up_all, down_all;  // all experts side by side (kernels/moe_cpu.py)
+  std::vector<at::Tensor> expert_up, expert_down;
+};
+
+class Decoder {
+ public:
+  // dims: hidden, heads, q_rank, kv_rank, rope, nope, v_dim, experts, top_k, n_group, topk_group,
+  // moe_inter; scalars: routed_scale, eps, softmax_scale, rope attention factor
+  Decoder(std::vector<int64_t> dims, bool norm_topk, std::vector<double> scalars, at::Tensor embed,
+          at::Tensor final_norm, at::Tensor inv_freq)
+      : embed_(embed.contiguous()), final_norm_(final_norm.contiguous()), inv_freq_(inv_freq.contiguous()) {
+    TORCH_CHECK(dims.size() == 12 && scalars.size() == 4, "Decoder: 12 dims and 4 scalars expected");
+    cfg_ = Config{dims[0], dims[1], dims[2],  dims[3],  dims[4],    dims[5],    dims[6], dims[7],
+                  dims[8], dims[9], dims[10], dims[11], norm_topk, scalars[0], scalars[1], scalars[2], scalars[3]};
+    TORCH_CHECK(cfg_.q_rank > 0, "the fused decoder needs q LoRA (q_lora_rank > 0)");
+    TORCH_CHECK(cfg_.rope % 2 == 0 && cfg_.v_dim <= 256 && cfg_.experts <= 1024, "unsupported dims");
+  }
+
+  // t: the layer's tensors by name (see cpu_decode.py); expert_up / expert_down: per-expert
+  // packed weights of a MoE layer (empty for a dense one)
+  void add_layer(std::map<std::string, at::Tensor> t, std::vector<at::Tensor> expert_up,
+                 std::vector<at::Tensor> expert_down) {
+    Layer l;
+    auto get = [&](const char* name) {
+      auto it = t.find(name);
+      return it == t.end() ? at::Tensor() : it->second.contiguous();
+    };
+    l.in_norm = get("in_norm"); l.fused_a = get("fused_a"); l.qa_norm = get("qa_norm"); l.q_b = get("q_b");
+    l.kva_norm = get("kva_norm"); l.w_uk = get("w_uk"); l.w_uv_t = get("w_uv_t"); l.o_proj = get("o_proj");
+    l.post_norm = get("post_norm"); l.gate_up = get("gate_up"); l.down = get("down");
+    l.router_w = get("router_w");
+    l.moe = l.router_w.defined();
+    if (l.moe) {
+      l.router_bias = get("router_bias"); l.up_all = get("up_all"); l.down_all = get("down_all");
+      TORCH_CHECK(static_cast<int64_t>(expert_up.size()) == cfg_.experts &&
+                  static_cast<int64_t>(expert_down.size()) == cfg_.experts, "one packed weight pair per expert");
+      l.expert_up = std::move(expert_up); l.expert_down = std::move(expert_down);
+    }
+    layers_.push_back(std::move(l));
+  }
+
+  // ids, positions, slots: [T] int64; block_tables [T, M] int32; seq_lens [T] int64 (the new token
+  // included); cache [L, N, B, W] bf16, written at `slots`. Returns the final-normed hidden [T, D] bf16.
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                     const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor cache) {
+    const auto& c = cfg_;
+    const int64_t T = ids.size(0), D = c.hidden;
+    TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == at::kBFloat16, "cache: contiguous bf16");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: int32");
+    TORCH_CHECK(positions.size(0) == T && slots.size(0) == T && block_tables.size(0) == T && seq_lens.size(0) == T,
+                "decode batch: one token per sequence");
+    at::Tensor x = embed_.index_select(0, ids);  // [T, D]
+    const at::Tensor cs = rope_table(positions);  // [T, R/2, 2]: (cos, sin) * attention factor
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      x = attention(layers_[i], x, cs, slots, block_tables, seq_lens, cache.select(0, i));
+      x = layers_[i].moe ? moe(layers_[i], x) : mlp(layers_[i], x);
+    }
+    at::Tensor out = at::empty({T, D}, x.options());
+    norm_rows(x, final_norm_, out, D);
+    return out;
+  }
+
+ private:
+  Config cfg_;
+  at::Tensor embed_, final_norm_, inv_freq_;
+  std::vector<Layer> layers_;
+
+  // RMSNorm of n columns from `offset` of each row of `in` into the rows of `out`
+  void norm_rows(const at::Tensor& in, const at::Tensor& w, at::Tensor& out, int64_t n, int64_t offset = 0) const {
+    const int64_t T = in.size(0), ld = in.stride(0);
+    const bf16* src = in.data_ptr<bf16>() + offset;
+    const bf16* wp = w.data_ptr<bf16>();
+    bf16* dst = out.data_ptr<bf16>();
+    const float eps = static_cast<float>(cfg_.eps);
+    for (int64_t t = 0; t < T; ++t) rms_norm_row(src + t * ld, wp, dst + t * out.stride(0), n, eps);
+  }
+
+  at::Tensor rope_table(const at::Tensor& positions) {
+    const int64_t T = positions.size(0), half = cfg_.rope / 2;
+    at::Tensor cs = at::empty({T, half, 2}, at::kFloat);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const float* inv = inv_freq_.data_ptr<float>();
+    float* out = cs.data_ptr<float>();
+    const float factor = static_cast<float>(cfg_.rope_factor);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos[t]) * inv[i];
+        out[(t * half + i) * 2] = factor * std::cos(angle);
+        out[(t * half + i) * 2 + 1] = factor * std::sin(angle);
+      }
+    return cs;
+  }
+
+  // interleaved pairs (x0, x1) rotated by (cos, sin): the complex product of rope.py, to bf16
+  static inline void rope_row(const bf16* in, const float* cs, bf16* out, int64_t half) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = f32(in[2 * i]), b = f32(in[2 * i + 1]), co = cs[2 * i], si = cs[2 * i + 1];
+      out[2 * i] = round_bf16(a * co - b * si);
+      out[2 * i + 1] = round_bf16(a * si + b * co);
+    }
+  }
+
+  at::Tensor attention(const Layer& l, const at::Tensor& x, const at::Tensor& cs, const at::Tensor& slots,
+                       const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor cache) {
+    const auto& c = cfg_;
+    const int64_t T = x.size(0), D = c.hidden, H = c.heads, C = c.kv_rank, R = c.rope, W = C + R;
+    const int64_t Dn = c.nope, Dv = c.v_dim, QK = Dn + R, Q = c.q_rank, half = R / 2;
+    at::Tensor xn = at::empty_like(x);
+    norm_rows(x, l.in_norm, xn, D);
+    const at::Tensor a = packed_linear(xn, l.fused_a);  // [T, Q + C + R]
+    at::Tensor qa = at::empty({T, Q}, x.options());
+    norm_rows(a, l.qa_norm, qa, Q);
+    const at::Tensor q = packed_linear(qa, l.q_b);  // [T, H * (Dn + R)]
+
+    // the new tokens' cache rows: normed latent, roped key
+    const int64_t B = cache.size(1);
+    bf16* cache_p = cache.data_ptr<bf16>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const float* csp = cs.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      const bf16* row = a.data_ptr<bf16>() + t * a.stride(0);
+      bf16* dst = cache_p + slot[t] * W;
+      rms_norm_row(row + Q, l.kva_norm.data_ptr<bf16>(), dst, C, static_cast<float>(c.eps));
+      rope_row(row + Q + C, csp + t * R, dst + C, half);
+    }
+
+    // Per (token, group of heads): absorb W_UK, attend over the paged cache in fp32, absorb W_UV.
+    // A group converts its context rows to fp32 once and scores all its heads against them.
+    at::Tensor o = at::empty({T, H * Dv}, x.options());
+    const int64_t M = block_tables.size(1);
+    const int32_t* tables = block_tables.data_ptr<int32_t>();
+    const int64_t* lens = seq_lens.data_ptr<int64_t>();
+    const float* w_uk = l.w_uk.data_ptr<float>();      // [H, Dn, C]
+    const float* w_uv_t = l.w_uv_t.data_ptr<float>();  // [H, C, Dv]
+    const bf16* qp = q.data_ptr<bf16>();
+    bf16* op = o.data_ptr<bf16>();
+    const float scale = static_cast<float>(c.softmax_scale);
+    // small batches split the heads so that every thread has work
+    const int64_t groups = T >= 2 * at::get_num_threads() ? 1 : std::min<int64_t>(H, at::get_num_threads());
+    const int64_t per_group = (H + groups - 1) / groups;
+    at::parallel_for(0, T * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(per_group * W), acc(per_group * C), ctx, probs;
+      std::vector<bf16> pe(R);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / groups, h0 = (item % groups) * per_group, h1 = std::min(H, h0 + per_group);
+        const int64_t nh = h1 - h0, len = lens[t];
+        // queries: q_latent = q_nope W_UK (fp32); q_pe roped and rounded to bf16 as the Python path; scaled
+        std::fill(qf.begin(), qf.end(), 0.0f);
+        for (int64_t h = h0; h < h1; ++h) {
+          const bf16* qh = qp + t * q.stride(0) + h * QK;
+          float* qr = qf.data() + (h - h0) * W;
+          for (int64_t d = 0; d < Dn; ++d) {
+            const float v = f32(qh[d]);
+            const float* wr = w_uk + (h * Dn + d) * C;
+            for (int64_t j = 0; j < C; ++j) qr[j] += v * wr[j];
+          }
+          rope_row(qh + Dn, csp + t * R, pe.data(), half);
+          for (int64_t j = 0; j < R; ++j) qr[C + j] = f32(pe[j]);
+          for (int64_t j = 0; j < W; ++j) qr[j] *= scale;
+        }
+        // the sequence's context rows in fp32, gathered through its block table
+        ctx.resize(len * W);
+        probs.resize(nh * len);
+        const int32_t* table = tables + t * M;
+        for (int64_t p = 0; p < len; ++p) {
+          const bf16* row = cache_p + (static_cast<int64_t>(table[p / B]) * B + p % B) * W;
+          float* dst = ctx.data() + p * W;
+          for (int64_t j = 0; j < W; ++j) dst[j] = f32(row[j]);
+        }
+        score_rows(qf.data(), ctx.data(), probs.data(), nh, len, W);
+        for (int64_t h = 0; h < nh; ++h) {
+          float* sc = probs.data() + h * len;
+          float best = -std::numeric_limits<float>::infinity();
+          for (int64_t p = 0; p < len; ++p) best = std::max(best, sc[p]);
+          float total = 0;
+          for (int64_t p = 0; p < len; ++p) total += (sc[p] = std::exp(sc[p] - best));
+          const float inv = 1.0f / total;
+          for (int64_t p = 0; p < len; ++p) sc[p] *= inv;
+        }
+        mix_rows(probs.data(), ctx.data(), acc.data(), nh, len, W, C);
+        // o = o_latent W_UV (fp32), rounded to bf16
+        for (int64_t h = h0; h < h1; ++h) {
+          float out[256] = {0};  // Dv <= 256, checked at construction
+          const float* a = acc.data() + (h - h0) * C;
+          const float* wv = w_uv_t + h * C * Dv;
+          for (int64_t j = 0; j < C; ++j)
+            for (int64_t k = 0; k < Dv; ++k) out[k] += a[j] * wv[j * Dv + k];
+          for (int64_t k = 0; k < Dv; ++k) op[t * H * Dv + h * Dv + k] = round_bf16(out[k]);
+        }
+      }
+    });
+    const at::Tensor y = packed_linear(o, l.o_proj);  // [T, D]
+    return add(x, y);
+  }
+
+  static at::Tensor add(const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = at::empty_like(a);
+    const int64_t n = a.numel();
+    const bf16* ap = a.data_ptr<bf16>();
+    const bf16* bp = b.data_ptr<bf16>();
+    bf16* o = out.data_ptr<bf16>();
+    for (int64_t i = 0; i < n; ++i) o[i] = round_bf16(f32(ap[i]) + f32(bp[i]));
+    return out;
+  }
+
+  // SwiGLU MLP on normed rows: down(silu(gate) * up), gate_up [2I, D] packed
+  static at::Tensor swiglu_mlp(const at::Tensor& xn, const at::Tensor& gate_up, const at::Tensor& down) {
+    const at::Tensor h = packed_linear(xn, gate_up);  // [T, 2I]
+    const int64_t T = h.size(0), I = h.size(1) / 2;
+    at::Tensor act = at::empty({T, I}, h.options());
+    const bf16* hp = h.data_ptr<bf16>();
+    bf16* ap = act.data_ptr<bf16>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < I; ++i) ap[t * I + i] = swiglu(hp[t * 2 * I + i], hp[t * 2 * I + I + i]);
+    return packed_linear(act, down);
+  }
+
+  at::Tensor mlp(const Layer& l, const at::Tensor& h) {
+    at::Tensor hn = at::empty_like(h);
+    norm_rows(h, l.post_norm, hn, cfg_.hidden);
+    return add(h, swiglu_mlp(hn, l.gate_up, l.down));
+  }
+
+  // grouped top-k of kernels/moe_ref.py for one token: writes K ids and weights
+  void route(const float* logits, const float* bias, int64_t* ids, float* weights) const {
+    const auto& c = cfg_;
+    const int64_t E = c.experts, G = c.n_group, per = E / G;
+    float scores[1024], biased[1024];
+    TORCH_CHECK(E <= 1024, "more than 1024 routed experts");
+    for (int64_t e = 0; e < E; ++e) {
+      scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+      biased[e] = scores[e] + bias[e];
+    }
+    // groups ranked by the sum of their two best biased scores (one when a group has one expert)
+    std::vector<std::pair<float, int64_t>> groups(G);
+    for (int64_t g = 0; g < G; ++g) {
+      float b1 = -std::numeric_limits<float>::infinity(), b2 = b1;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        if (biased[e] > b1) { b2 = b1; b1 = biased[e]; } else if (biased[e] > b2) { b2 = biased[e]; }
+      }
+      groups[g] = {per >= 2 ? b1 + b2 : b1, g};
+    }
+    std::stable_sort(groups.begin(), groups.end(), [](auto& p, auto& q) { return p.first > q.first; });
+    std::vector<char> allowed(E, 0);
+    for (int64_t g = 0; g < c.topk_group; ++g)
+      for (int64_t e = groups[g].second * per; e < (groups[g].second + 1) * per; ++e) allowed[e] = 1;
+    std::vector<std::pair<float, int64_t>> cand;
+    for (int64_t e = 0; e < E; ++e)
+      if (allowed[e]) cand.push_back({biased[e], e});
+    std::stable_sort(cand.begin(), cand.end(), [](auto& p, auto& q) { return p.first > q.first; });
+    float sum = 0;
+    for (int64_t k = 0; k < c.top_k; ++k) {
+      ids[k] = cand[k].second;
+      weights[k] = scores[ids[k]];
+      sum += weights[k];
+    }
+    for (int64_t k = 0; k < c.top_k; ++k) {
+      if (c.norm_topk) weights[k] = weights[k] / (sum + 1e-20f);
+      weights[k] *= static_cast<float>(c.routed_scale);
+    }
+  }
+
+  at::Tensor moe(const Layer& l, const at::Tensor& h) {
+    const auto& c = cfg_;
+    const int64_t T = h.size(0), D = c.hidden, E = c.experts, K = c.top_k, I = c.moe_inter;
+    at::Tensor hn = at::empty_like(h);
+    norm_rows(h, l.post_norm, hn, D);
+    // router logits in fp32: hn.float() @ W^T
+    std::vector<float> logits(T * E), weights(T * K), hf(D);
+    std::vector<int64_t> ids(T * K);
+    const bf16* hp = hn.data_ptr<bf16>();
+    const float* rw = l.router_w.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t d = 0; d < D; ++d) hf[d] = f32(hp[t * D + d]);
+      for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot_f32(hf.data(), rw + e * D, D);
+      route(logits.data() + t * E, l.router_bias.data_ptr<float>(), ids.data() + t * K, weights.data() + t * K);
+    }
+    at::Tensor routed;
+    if (T == 1) {  // only the token's K experts, summed in fp32 (kernels/moe_cpu.py, _one_token)
+      std::vector<float> acc(D, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const at::Tensor y = swiglu_mlp(hn, l.expert_up[ids[k]], l.expert_down[ids[k]]);
+        const bf16* yp = y.data_ptr<bf16>();
+        for (int64_t d = 0; d < D; ++d) acc[d] += weights[k] * f32(yp[d]);
+      }
+      routed = at::empty_like(h);
+      bf16* rp = routed.data_ptr<bf16>();
+      for (int64_t d = 0; d < D; ++d) rp[d] = round_bf16(acc[d]);
+    } else {  // every expert in two GEMMs, unrouted ones zeroed before the down projection
+      const at::Tensor up = packed_linear(hn, l.up_all);  // [T, E * 2I]
+      at::Tensor act = at::zeros({T, E * I}, h.options());
+      const bf16* upp = up.data_ptr<bf16>();
+      bf16* ap = act.data_ptr<bf16>();
+      at::parallel_for(0, T * K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t t = item / K, e = ids[item];
+          const bf16 w = round_bf16(weights[item]);
+          const bf16* g = upp + t * E * 2 * I + e * 2 * I;
+          bf16* dst = ap + t * E * I + e * I;
+          for (int64_t i = 0; i < I; ++i) dst[i] = round_bf16(f32(swiglu(g[i], g[I + i])) * f32(w));
+        }
+      });
+      routed = packed_linear(act, l.down_all);  // [T, D]
+    }
+    at::Tensor out = l.gate_up.defined() ? add(routed, swiglu_mlp(hn, l.gate_up, l.down)) : routed;
+    return add(h, out);
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<std::vector<int64_t>, bool, std::vector<double>, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("forward", &Decoder::forward);
+}

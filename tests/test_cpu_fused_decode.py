@@ -1,0 +1,151 @@
+"""The fused bf16 CPU decode step (kernels/csrc/cpu_decode.cpp) against its slow twin, the
+Python model with the reference attention backend: hidden states, logits and the cache rows
+it writes, over head counts on and off its vectorized blocks, batches crossing block
+boundaries, YaRN and routing variants; then whole generations through EngineCore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import MLAPath
+from engine.core import EngineConfig, EngineCore
+from engine.loader import load_model
+from engine.model.fused_cpu import FusedCpuDecoder
+from engine.request import EngineRequest
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from helpers import LORA_YARN, PLAIN_ONE_GROUP, contiguous_meta, make_checkpoint, make_serving_checkpoint
+from kernels import cpu_decode
+
+pytestmark = pytest.mark.skipif(cpu_decode.load() is None,
+                                reason=f"the fused CPU decode extension is unavailable: {cpu_decode.why_unavailable()}")
+
+BLOCK = 16
+# 4 heads (scalar loops), YaRN, 4 routing groups; 12 heads (one AVX-512 block of 8 + 4),
+# latent 96 (vectorized mix); 16 heads, latent 80 (scalar mix), one group, no renormalization.
+CONFIGS = {
+    "lora-yarn": dict(LORA_YARN, torch_dtype="bfloat16"),
+    "12-heads": dict(LORA_YARN, torch_dtype="bfloat16", num_attention_heads=12, num_key_value_heads=12,
+                     kv_lora_rank=96, qk_rope_head_dim=32, rope_scaling=None),
+    "16-heads-one-group": dict(LORA_YARN, torch_dtype="bfloat16", num_attention_heads=16, num_key_value_heads=16,
+                               kv_lora_rank=80, qk_rope_head_dim=16, n_group=1, topk_group=1, norm_topk_prob=False,
+                               routed_scaling_factor=1.0, num_experts_per_tok=2, n_shared_experts=0),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request, tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param], seed=5)
+    return load_model(path, "bfloat16", attention="torch", progress=False)
+
+
+def decode_step(model, seq_lens: list[int], seed: int):
+    """A decode step over a cache of random history: (ids, meta, cache)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = -(-max(seq_lens) // BLOCK)
+    cache = model.allocate_kv_cache(len(seq_lens) * blocks, BLOCK)
+    cache.copy_(torch.randn(cache.shape, generator=gen) * 0.5)
+    meta = contiguous_meta([1] * len(seq_lens), seq_lens, BLOCK, blocks, num_decodes=len(seq_lens))
+    ids = torch.randint(2, model.cfg.vocab_size, (len(seq_lens),), generator=gen)
+    return ids, meta, cache
+
+
+def both_paths(model, ids, meta, cache):
+    """(hidden, cache after) from the fused step and from the Python model."""
+    fused = model.fused_decode
+    assert fused is not None and fused.takes(meta)
+    out = []
+    for decoder in (fused, None):
+        model.fused_decode = decoder
+        c = cache.clone()
+        out.append((model(ids, meta.positions(), c, meta), c))
+    model.fused_decode = fused
+    return out
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [16], [17], [5, 40, 16, 33], [70] * 9 + [3, 64, 65, 100, 1, 2, 31]],
+                         ids=["first-token", "full-block", "block-boundary", "mixed-4", "mixed-16"])
+def test_fused_decode_step_matches_the_python_model(model, seq_lens):
+    ids, meta, cache = decode_step(model, seq_lens, seed=len(seq_lens) + seq_lens[0])
+    (hidden, cache_f), (ref, cache_r) = both_paths(model, ids, meta, cache)
+    scale = ref.float().abs().max()
+    assert (hidden.float() - ref.float()).abs().max() <= 0.02 * scale
+    logits, ref_logits = model.compute_logits(hidden), model.compute_logits(ref)
+    assert (logits - ref_logits).abs().max() <= 0.02 * ref_logits.abs().max()
+    # the new tokens' rows, in every layer, hold what the Python model writes; nothing else moves
+    rows = meta.slot_mapping
+    flat_f, flat_r = cache_f.flatten(1, 2), cache_r.flatten(1, 2)
+    torch.testing.assert_close(flat_f[:, rows].float(), flat_r[:, rows].float(), atol=0.03, rtol=0.02)
+    untouched = torch.ones(flat_f.shape[1], dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(flat_f[:, untouched], cache.flatten(1, 2)[:, untouched])
+    assert not torch.equal(flat_f[:, rows], cache.flatten(1, 2)[:, rows])
+
+
+def test_steps_with_prefill_go_through_the_python_model(model):
+    """A mixed step (a decode and a prefill chunk) is not the fused path's: same result
+    whether the model has the fused decoder or not."""
+    assert model.fused_decode is not None
+    meta = contiguous_meta([1, 6], [9, 6], BLOCK, 2, num_decodes=1)
+    assert not model.fused_decode.takes(meta)
+    assert not model.fused_decode.takes(contiguous_meta([1], [9], BLOCK, 2, num_decodes=1, path=MLAPath.NAIVE))
+    ids = torch.randint(2, model.cfg.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    cache = model.allocate_kv_cache(4, BLOCK)
+    with_fused = model(ids, meta.positions(), cache.clone(), meta)
+    fused, model.fused_decode = model.fused_decode, None
+    try:
+        assert torch.equal(with_fused, model(ids, meta.positions(), cache.clone(), meta))
+    finally:
+        model.fused_decode = fused
+
+
+def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        core.add(EngineRequest(f"r{i}", ids, params))
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while core.has_work:
+        for out in core.step():
+            for choice in out.choices:
+                tokens[out.request_id] += choice.token_ids
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_engine_generations_with_the_fused_step_match_the_python_model(tmp_path):
+    """Greedy generations of a batch of 4 through EngineCore (continuous batching, paged
+    cache, the CPU attention backend): the fused decode step changes no token."""
+    path = make_serving_checkpoint(tmp_path)
+    model = load_model(path, "bfloat16", attention="cpu", progress=False)
+    assert model.fused_decode is not None
+    tokenizer = Tokenizer.from_dir(path)
+    prompts = [[100 + 7 * i + j for j in range(5 + 9 * i)] for i in range(4)]
+    outputs = []
+    for decoder in (model.fused_decode, None):
+        model.fused_decode = decoder
+        core = EngineCore(model, tokenizer, EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK))
+        outputs.append(generate(core, prompts, max_tokens=24))
+    assert outputs[0] == outputs[1]
+    assert all(len(t) == 24 for t in outputs[0])
+
+
+def test_models_the_extension_cannot_take_decode_in_python(tmp_path, monkeypatch):
+    plain = load_model(make_checkpoint(tmp_path / "plain", dict(PLAIN_ONE_GROUP, torch_dtype="bfloat16")),
+                       "bfloat16", progress=False)
+    assert plain.fused_decode is None  # no q LoRA
+    path = make_checkpoint(tmp_path / "lora", CONFIGS["lora-yarn"])
+    assert load_model(path, "float32", progress=False).fused_decode is None
+    assert load_model(path, "bfloat16", quantization="nvfp4", progress=False).fused_decode is None
+    monkeypatch.setenv(cpu_decode.DISABLE_ENV, "torch")
+    assert FusedCpuDecoder.of(load_model(path, "bfloat16", progress=False)) == (None, "MOESERVE_CPU_DECODE=torch")
+    monkeypatch.setenv(cpu_decode.DISABLE_ENV, "fast")
+    with pytest.raises(ValueError, match="MOESERVE_CPU_DECODE must be 'torch' or 'fused'"):
+        load_model(path, "bfloat16", progress=False)
+
+
+def test_without_a_compiler_the_extension_is_reported_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu_decode, "_state", {})
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cpu_decode.load() is None
+    assert cpu_decode.why_unavailable() == "no C++ compiler (/nonexistent/c++) on PATH"
+
