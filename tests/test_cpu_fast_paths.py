@@ -70,6 +70,23 @@ def test_batched_decode_attention_matches_per_sequence_reference(dtype, tol):
     torch.testing.assert_close(out, slow.absorbed(q_latent, q_pe, cache, meta, 0.1), atol=tol, rtol=tol)
 
 
+def test_bf16_prefill_attention_matches_per_sequence_reference():
+    """The naive form over a bf16 cache: whole prompts, a chunk after cached tokens (its
+    causal mask aligned to the end of the context) and a one-token chunk, in one step."""
+    gen = torch.Generator().manual_seed(1)
+    heads, nope, rope, v_dim, latent, block = 4, 16, 8, 12, 32, 8
+    query_lens, seq_lens = [9, 5, 1, 20], [9, 21, 14, 20]
+    cache = torch.randn(4 * 3, block, latent + rope, generator=gen).bfloat16()
+    meta = contiguous_meta(query_lens, seq_lens, block, blocks_per_seq=3)
+    q_nope = torch.randn(sum(query_lens), heads, nope, generator=gen).bfloat16()
+    q_pe = torch.randn(sum(query_lens), heads, rope, generator=gen).bfloat16()
+    w_kv_b = torch.randn(heads, nope + v_dim, latent, generator=gen) / latent ** 0.5
+    fast = CpuAttention().naive(q_nope, q_pe, cache, w_kv_b, meta, 0.2)
+    slow = TorchAttention().naive(q_nope, q_pe, cache, w_kv_b, meta, 0.2)
+    assert fast.dtype == torch.bfloat16 and fast.shape == slow.shape
+    torch.testing.assert_close(fast.float(), slow.float(), atol=0.03, rtol=0.03)
+
+
 @needs_onednn_bf16
 def test_bf16_model_with_fast_paths_matches_the_reference_paths(tmp_path):
     cfg = dict(LORA_YARN, torch_dtype="bfloat16")
