@@ -1,10 +1,13 @@
 """The fused bf16 CPU decode step (kernels/csrc/cpu_decode.cpp) wired to a loaded model.
 
-A decode-only step (one new token per sequence, at most MAX_TOKENS of them) of a bf16 model
-on the CPU runs every layer in one C++ call that shares the model's own tensors: the
-prepacked GEMM weights, MLA's absorbed matrices, the routed experts' packed copies. Every
-other step, and any model it cannot take (no q LoRA, FP4 experts), goes through the Python
-forward, the reference it is tested against.
+The decodes of a step (one new token per sequence, at most MAX_TOKENS of them) of a bf16
+model on the CPU run every layer in one C++ call that shares the model's own tensors: the
+prepacked GEMM weights, MLA's absorbed matrices, the routed experts' packed copies. The
+step's prefill chunks, and every step of a model it cannot take (no q LoRA, FP4 experts),
+go through the Python forward, the reference it is tested against. A mixed step runs as
+two forwards, its decodes fused and its chunks in Python: they are different sequences, so
+nothing in one depends on the other, and continuous batching keeps most steps mixed
+while requests arrive.
 """
 
 from __future__ import annotations
@@ -77,13 +80,15 @@ class FusedCpuDecoder:
         return cls(model, ext), None
 
     @staticmethod
-    def takes(meta: AttentionMetadata) -> bool:
-        n = len(meta.query_lens)
-        return meta.num_decodes == n and n <= MAX_TOKENS and meta.path is MLAPath.AUTO and meta.seq_lens_tensor is None
+    def decodes(meta: AttentionMetadata) -> int:
+        """How many of the step's leading sequences (its decodes) the fused step runs: all of
+        them, or 0 where it cannot (forced MLA path, a CUDA-graph recording, too many)."""
+        n = meta.num_decodes
+        return n if n <= MAX_TOKENS and meta.path is MLAPath.AUTO and meta.seq_lens_tensor is None else 0
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
-        """As DeepseekV3ForCausalLM.forward for a step `takes` accepts: hidden [T, D]."""
+        """As DeepseekV3ForCausalLM.forward for a decode-only step (one token per sequence): hidden [T, D]."""
         lens = torch.tensor(meta.seq_lens, dtype=torch.int64)
         return self.decoder.forward(input_ids, positions, meta.slot_mapping, meta.block_tables.contiguous(), lens,
                                     kv_cache)

@@ -119,8 +119,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         Writes the new tokens' latents into kv_cache at meta.slot_mapping.
         """
-        if self.fused_decode is not None and self.fused_decode.takes(meta):
+        n = self.fused_decode.decodes(meta) if self.fused_decode is not None else 0
+        if n == len(meta.query_lens):
             return self.fused_decode(input_ids, positions, kv_cache, meta)
+        if n:  # the decodes fused, the prefill chunks through the layers below
+            seqs = len(meta.query_lens)
+            return torch.cat((self.fused_decode(input_ids[:n], positions[:n], kv_cache, meta.sequences(0, n)),
+                              self.forward(input_ids[n:], positions[n:], kv_cache, meta.sequences(n, seqs))))
         self.attention.plan(meta)
         x = self.model.embed_tokens.weight[input_ids]
         rope = self.rotary(positions)
