@@ -24,13 +24,21 @@ RUN /opt/venv/bin/pip install -c /tmp/constraints.txt /src
 RUN /opt/venv/bin/python -m engine demo-model --out /models/demo
 
 FROM python:3.11.14-slim-bookworm
-RUN groupadd --system --gid 10001 moeserve \
+# g++: the fused CPU decode step (kernels/csrc) is compiled for the host's CPU when the
+# engine first loads the model (about 40 s, within the health check's start period), never
+# at image build time, which could target another CPU.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 moeserve \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/moeserve moeserve
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models/demo /models/demo
 COPY docker/grpc_health_probe.py /opt/moeserve/grpc_health_probe.py
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    TORCH_EXTENSIONS_DIR=/home/moeserve/.cache/torch_extensions
 WORKDIR /home/moeserve
 USER 10001:10001
 # gRPC, and Prometheus /metrics (--metrics-port).
