@@ -65,12 +65,29 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+    if _switch_to_wal(conn).lower() != "wal":
         raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     conn.create_aggregate("dec_sum", 1, _DecSum)
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """PRAGMA journal_mode = WAL, retried while another connection holds the lock it needs.
+
+    SQLite answers "database is locked" at once, without its busy handler, when connections
+    opening the same new file at the same moment race for the switch (several gateways
+    starting together); the one that loses retries until the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.005)
 
 
 def _key(row: tuple) -> KeyRecord:
