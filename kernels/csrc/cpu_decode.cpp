@@ -186,6 +186,9 @@ class Decoder {
                   dims[8], dims[9], dims[10], dims[11], norm_topk, scalars[0], scalars[1], scalars[2], scalars[3]};
     TORCH_CHECK(cfg_.q_rank > 0, "the fused decoder needs q LoRA (q_lora_rank > 0)");
     TORCH_CHECK(cfg_.rope % 2 == 0 && cfg_.v_dim <= 256 && cfg_.experts <= 1024, "unsupported dims");
+    TORCH_CHECK(cfg_.experts == 0 || (cfg_.n_group > 0 && cfg_.experts % cfg_.n_group == 0 &&
+                                      cfg_.topk_group * (cfg_.experts / cfg_.n_group) >= cfg_.top_k),
+                "routing: the chosen groups must hold top_k experts");
   }
 
   // t: the layer's tensors by name (see cpu_decode.py); expert_up / expert_down: per-expert
