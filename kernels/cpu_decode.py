@@ -36,17 +36,27 @@ def disabled_reason() -> str | None:
     raise ValueError(f"{DISABLE_ENV} must be 'torch' or 'fused', got {value!r}")
 
 
+def toolchain_missing() -> str | None:
+    """Why this machine cannot build the extension at all (no oneDNN, no compiler), or None."""
+    import torch
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    return None
+
+
 def load():
     """The compiled module, or None when it cannot be built here (the reason: `why_unavailable()`)."""
     if "module" in _state:
         return _state["module"]
-    module, reason = None, None
-    try:
-        module = _build()
-    except Exception as exc:  # noqa: BLE001 - any build failure means: decode through the Python model
-        reason = f"building {SOURCE.name} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
-    if module is None and reason is None:
-        reason = _state.get("reason")
+    module, reason = None, toolchain_missing()
+    if reason is None:
+        try:
+            module = _build()
+        except Exception as exc:  # noqa: BLE001 - any build failure means: decode through the Python model
+            reason = f"building {SOURCE.name} failed: {_first_error(str(exc)) or repr(exc)}"
     _state["module"], _state["reason"] = module, reason
     if reason:
         log.warning("fused CPU decode unavailable (%s); decoding through the Python model", reason)
@@ -58,20 +68,22 @@ def why_unavailable() -> str | None:
     return _state["reason"]  # type: ignore[return-value]
 
 
+def _first_error(message: str) -> str:
+    """The compiler's first error line out of a build log, else the log's last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "build stopped" not in line]
+    return errors[0] if errors else (lines[-1] if lines else "")
+
+
 def _build():
-    import torch
-    if not torch.backends.mkldnn.is_available():
-        _state["reason"] = "this torch build has no oneDNN"
-        return None
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        _state["reason"] = f"no C++ compiler ({compiler}) on PATH"
-        return None
     if shutil.which("ninja") is None:  # the pip package's binary, when its venv is not on PATH
         import ninja
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     from torch.utils.cpp_extension import load as load_extension
-    return load_extension(NAME, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], verbose=False)
+    # -fopenmp: at::parallel_for's OpenMP region lives in an ATen header, so without it the
+    # extension's parallel loops run on one thread (the runtime is torch's own libgomp).
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    return load_extension(NAME, [str(SOURCE)], extra_cflags=flags, verbose=False)
 
 
 if __name__ == "__main__":  # python -m kernels.cpu_decode: build now (scripts/setup.sh)

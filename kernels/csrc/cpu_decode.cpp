@@ -70,9 +70,17 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// scores[h * len + p] = q[h] . ctx[p]: nh query rows and len context rows, both W wide (fp32).
-// With AVX-512, blocks of 8 heads x 2 rows share their loads (16 accumulators in registers).
-inline void score_rows(const float* q, const float* ctx, float* scores, int64_t nh, int64_t len, int64_t W) {
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const bf16* p) {  // a bf16 is the high half of the float with the same bits
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// scores[h * len + p] = q[h] . rows[p]: nh fp32 query rows against len bf16 cache rows, all W
+// wide. With AVX-512, blocks of 8 heads x 2 rows share their loads (16 accumulators in
+// registers) and each cache value is widened once per block.
+inline void score_rows(const float* q, const bf16* const* rows, float* scores, int64_t nh, int64_t len, int64_t W) {
   int64_t h0 = 0;
 #if defined(__AVX512F__)
   if (W % 16 == 0) {
@@ -82,7 +90,7 @@ inline void score_rows(const float* q, const float* ctx, float* scores, int64_t 
         __m512 a0[8], a1[8];
         for (int k = 0; k < 8; ++k) a0[k] = a1[k] = _mm512_setzero_ps();
         for (int64_t j = 0; j < W; j += 16) {
-          const __m512 r0 = _mm512_loadu_ps(ctx + p * W + j), r1 = _mm512_loadu_ps(ctx + (p + 1) * W + j);
+          const __m512 r0 = load_bf16x16(rows[p] + j), r1 = load_bf16x16(rows[p + 1] + j);
           for (int k = 0; k < 8; ++k) {
             const __m512 qv = _mm512_loadu_ps(q + (h0 + k) * W + j);
             a0[k] = _mm512_fmadd_ps(qv, r0, a0[k]);
@@ -95,18 +103,17 @@ inline void score_rows(const float* q, const float* ctx, float* scores, int64_t 
         }
       }
       for (; p < len; ++p)
-        for (int k = 0; k < 8; ++k) scores[(h0 + k) * len + p] = dot_f32(q + (h0 + k) * W, ctx + p * W, W);
+        for (int k = 0; k < 8; ++k) scores[(h0 + k) * len + p] = dot_f32_bf16(q + (h0 + k) * W, rows[p], W);
     }
   }
 #endif
   for (; h0 < nh; ++h0)
-    for (int64_t p = 0; p < len; ++p) scores[h0 * len + p] = dot_f32(q + h0 * W, ctx + p * W, W);
+    for (int64_t p = 0; p < len; ++p) scores[h0 * len + p] = dot_f32_bf16(q + h0 * W, rows[p], W);
 }
 
-// acc[h * C + j] = sum_p probs[h * len + p] * ctx[p * W + j] for the first C of ctx's W columns.
+// acc[h * C + j] = sum_p probs[h * len + p] * rows[p][j] for the first C columns of the rows.
 // With AVX-512, 8 heads x 32 columns of accumulators stay in registers across all rows.
-inline void mix_rows(const float* probs, const float* ctx, float* acc, int64_t nh, int64_t len, int64_t W,
-                     int64_t C) {
+inline void mix_rows(const float* probs, const bf16* const* rows, float* acc, int64_t nh, int64_t len, int64_t C) {
   int64_t h0 = 0;
 #if defined(__AVX512F__)
   if (C % 32 == 0) {
@@ -115,7 +122,7 @@ inline void mix_rows(const float* probs, const float* ctx, float* acc, int64_t n
         __m512 a0[8], a1[8];
         for (int k = 0; k < 8; ++k) a0[k] = a1[k] = _mm512_setzero_ps();
         for (int64_t p = 0; p < len; ++p) {
-          const __m512 r0 = _mm512_loadu_ps(ctx + p * W + j), r1 = _mm512_loadu_ps(ctx + p * W + j + 16);
+          const __m512 r0 = load_bf16x16(rows[p] + j), r1 = load_bf16x16(rows[p] + j + 16);
           for (int k = 0; k < 8; ++k) {
             const __m512 w = _mm512_set1_ps(probs[(h0 + k) * len + p]);
             a0[k] = _mm512_fmadd_ps(w, r0, a0[k]);
@@ -134,9 +141,110 @@ inline void mix_rows(const float* probs, const float* ctx, float* acc, int64_t n
     std::fill(a, a + C, 0.0f);
     for (int64_t p = 0; p < len; ++p) {
       const float w = probs[h0 * len + p];
-      for (int64_t j = 0; j < C; ++j) a[j] += w * ctx[p * W + j];
+      for (int64_t j = 0; j < C; ++j) a[j] += w * f32(rows[p][j]);
     }
   }
+}
+
+inline void bf16_to_f32(const bf16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16x16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = f32(src[i]);
+}
+
+#if defined(__AVX512F__)
+// out[c0 + 0..16*NB) = sum_i a[i] * w[i * ld + c0 + ...]: NB vectors of columns, P interleaved
+// partial sums over i so that at least 8 independent FMA chains hide the FMA latency.
+template <int NB, int P>
+inline void vec_mat_block(const float* a, int64_t m, const float* w, int64_t ld, int64_t c0, float* out) {
+  __m512 acc[P][NB];
+  for (int p = 0; p < P; ++p)
+    for (int z = 0; z < NB; ++z) acc[p][z] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + P <= m; i += P)
+    for (int p = 0; p < P; ++p) {
+      const __m512 ai = _mm512_set1_ps(a[i + p]);
+      const float* wr = w + (i + p) * ld + c0;
+      for (int z = 0; z < NB; ++z) acc[p][z] = _mm512_fmadd_ps(ai, _mm512_loadu_ps(wr + 16 * z), acc[p][z]);
+    }
+  for (; i < m; ++i) {
+    const __m512 ai = _mm512_set1_ps(a[i]);
+    for (int z = 0; z < NB; ++z) acc[0][z] = _mm512_fmadd_ps(ai, _mm512_loadu_ps(w + i * ld + c0 + 16 * z), acc[0][z]);
+  }
+  for (int z = 0; z < NB; ++z) {
+    __m512 total = acc[0][z];
+    for (int p = 1; p < P; ++p) total = _mm512_add_ps(total, acc[p][z]);
+    _mm512_storeu_ps(out + c0 + 16 * z, total);
+  }
+}
+#endif
+
+// out[0..n) = a[0..m) W for a row-major fp32 W [m, n] (MLA's absorbed matrices, per head)
+inline void vec_mat(const float* a, int64_t m, const float* w, int64_t n, float* out) {
+  int64_t c0 = 0;
+#if defined(__AVX512F__)
+  for (; c0 + 128 <= n; c0 += 128) vec_mat_block<8, 1>(a, m, w, n, c0, out);
+  switch ((n - c0) / 16) {
+    case 1: vec_mat_block<1, 8>(a, m, w, n, c0, out); break;
+    case 2: vec_mat_block<2, 4>(a, m, w, n, c0, out); break;
+    case 3: vec_mat_block<3, 3>(a, m, w, n, c0, out); break;
+    case 4: vec_mat_block<4, 2>(a, m, w, n, c0, out); break;
+    case 5: vec_mat_block<5, 2>(a, m, w, n, c0, out); break;
+    case 6: vec_mat_block<6, 1>(a, m, w, n, c0, out); break;
+    case 7: vec_mat_block<7, 1>(a, m, w, n, c0, out); break;
+    default: break;
+  }
+  c0 += (n - c0) / 16 * 16;
+#endif
+  for (int64_t c = c0; c < n; ++c) {
+    float total = 0;
+    for (int64_t i = 0; i < m; ++i) total += a[i] * w[i * n + c];
+    out[c] = total;
+  }
+}
+
+// softmax of n fp32 scores in place. With AVX-512 the exponentials run 16 at a time: e^x by
+// Cody-Waite reduction to r = x - k ln2 and Cephes' degree-6 polynomial for e^r, scaled by
+// 2^k (within 2 ulp of expf for the x <= 0 that softmax feeds it).
+#if defined(__AVX512F__)
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));  // e^-88 is below the smallest normal float
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+inline void softmax_inplace(float* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) best = std::max(best, x[i]);
+  float total = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(best);
+  __m512 sum = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), m));
+    _mm512_mask_storeu_ps(x + i, live, e);
+    sum = _mm512_mask_add_ps(sum, live, sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - best));
+  const float inv = 1.0f / total;
+  for (i = 0; i < n; ++i) x[i] *= inv;
 }
 
 // RMSNorm as engine/model/layers.py: normalized in fp32, rounded to bf16, times the weight in bf16.
@@ -300,7 +408,7 @@ class Decoder {
     }
 
     // Per (token, group of heads): absorb W_UK, attend over the paged cache in fp32, absorb W_UV.
-    // A group converts its context rows to fp32 once and scores all its heads against them.
+    // A group reads its context rows straight from the cache and scores all its heads against them.
     at::Tensor o = at::empty({T, H * Dv}, x.options());
     const int64_t M = block_tables.size(1);
     const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -314,52 +422,34 @@ class Decoder {
     const int64_t groups = T >= 2 * at::get_num_threads() ? 1 : std::min<int64_t>(H, at::get_num_threads());
     const int64_t per_group = (H + groups - 1) / groups;
     at::parallel_for(0, T * groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(per_group * W), acc(per_group * C), ctx, probs;
+      std::vector<float> qf(per_group * W), acc(per_group * C), qn(Dn), probs;
+      std::vector<const bf16*> rows;
       std::vector<bf16> pe(R);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / groups, h0 = (item % groups) * per_group, h1 = std::min(H, h0 + per_group);
         const int64_t nh = h1 - h0, len = lens[t];
         // queries: q_latent = q_nope W_UK (fp32); q_pe roped and rounded to bf16 as the Python path; scaled
-        std::fill(qf.begin(), qf.end(), 0.0f);
         for (int64_t h = h0; h < h1; ++h) {
           const bf16* qh = qp + t * q.stride(0) + h * QK;
           float* qr = qf.data() + (h - h0) * W;
-          for (int64_t d = 0; d < Dn; ++d) {
-            const float v = f32(qh[d]);
-            const float* wr = w_uk + (h * Dn + d) * C;
-            for (int64_t j = 0; j < C; ++j) qr[j] += v * wr[j];
-          }
+          bf16_to_f32(qh, qn.data(), Dn);
+          vec_mat(qn.data(), Dn, w_uk + h * Dn * C, C, qr);
           rope_row(qh + Dn, csp + t * R, pe.data(), half);
           for (int64_t j = 0; j < R; ++j) qr[C + j] = f32(pe[j]);
           for (int64_t j = 0; j < W; ++j) qr[j] *= scale;
         }
-        // the sequence's context rows in fp32, gathered through its block table
-        ctx.resize(len * W);
+        // the sequence's context rows, found through its block table
+        rows.resize(len);
         probs.resize(nh * len);
         const int32_t* table = tables + t * M;
-        for (int64_t p = 0; p < len; ++p) {
-          const bf16* row = cache_p + (static_cast<int64_t>(table[p / B]) * B + p % B) * W;
-          float* dst = ctx.data() + p * W;
-          for (int64_t j = 0; j < W; ++j) dst[j] = f32(row[j]);
-        }
-        score_rows(qf.data(), ctx.data(), probs.data(), nh, len, W);
-        for (int64_t h = 0; h < nh; ++h) {
-          float* sc = probs.data() + h * len;
-          float best = -std::numeric_limits<float>::infinity();
-          for (int64_t p = 0; p < len; ++p) best = std::max(best, sc[p]);
-          float total = 0;
-          for (int64_t p = 0; p < len; ++p) total += (sc[p] = std::exp(sc[p] - best));
-          const float inv = 1.0f / total;
-          for (int64_t p = 0; p < len; ++p) sc[p] *= inv;
-        }
-        mix_rows(probs.data(), ctx.data(), acc.data(), nh, len, W, C);
+        for (int64_t p = 0; p < len; ++p) rows[p] = cache_p + (static_cast<int64_t>(table[p / B]) * B + p % B) * W;
+        score_rows(qf.data(), rows.data(), probs.data(), nh, len, W);
+        for (int64_t h = 0; h < nh; ++h) softmax_inplace(probs.data() + h * len, len);
+        mix_rows(probs.data(), rows.data(), acc.data(), nh, len, C);
         // o = o_latent W_UV (fp32), rounded to bf16
         for (int64_t h = h0; h < h1; ++h) {
-          float out[256] = {0};  // Dv <= 256, checked at construction
-          const float* a = acc.data() + (h - h0) * C;
-          const float* wv = w_uv_t + h * C * Dv;
-          for (int64_t j = 0; j < C; ++j)
-            for (int64_t k = 0; k < Dv; ++k) out[k] += a[j] * wv[j * Dv + k];
+          float out[256];  // Dv <= 256, checked at construction
+          vec_mat(acc.data() + (h - h0) * C, C, w_uv_t + h * C * Dv, Dv, out);
           for (int64_t k = 0; k < Dv; ++k) op[t * H * Dv + h * Dv + k] = round_bf16(out[k]);
         }
       }
