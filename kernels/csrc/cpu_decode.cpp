@@ -578,5 +578,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<std::vector<int64_t>, bool, std::vector<double>, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &Decoder::add_layer)
-      .def("forward", &Decoder::forward);
+      // the step runs without the GIL: an event loop on another thread of the process (the
+      // in-process AsyncEngine) stays responsive, as it does between the Python path's ops
+      .def("forward", &Decoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
