@@ -10,6 +10,7 @@ import torch
 
 from engine.attention import MLAPath
 from engine.core import EngineConfig, EngineCore
+from engine.scheduler import SchedulerConfig
 from engine.loader import load_model
 from engine.model.fused_cpu import FusedCpuDecoder
 from engine.request import EngineRequest
@@ -115,16 +116,21 @@ def test_steps_the_fused_path_cannot_take_go_through_the_python_model(model):
     assert fused.decodes(contiguous_meta([1] * 300, [2] * 300, BLOCK, 1, num_decodes=300)) == 0  # over MAX_TOKENS
 
 
-def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int, n: int = 1,
+             cached: list[int] | None = None) -> list[list[int]]:
+    """Greedy tokens of every choice of every prompt, prompt by prompt; `cached` collects
+    each finished request's cached prompt tokens."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, n=n)
     for i, ids in enumerate(prompts):
         core.add(EngineRequest(f"r{i}", ids, params))
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    tokens: dict[tuple[str, int], list[int]] = {(f"r{i}", c): [] for i in range(len(prompts)) for c in range(n)}
     while core.has_work:
         for out in core.step():
             for choice in out.choices:
-                tokens[out.request_id] += choice.token_ids
-    return [tokens[f"r{i}"] for i in range(len(prompts))]
+                tokens[out.request_id, choice.index] += choice.token_ids
+            if out.finished and cached is not None:
+                cached.append(out.usage.cached_prompt_tokens)
+    return list(tokens.values())
 
 
 def test_engine_generations_with_the_fused_step_match_the_python_model(tmp_path):
@@ -164,3 +170,33 @@ def test_without_a_compiler_the_extension_is_reported_unavailable(monkeypatch):
     assert cpu_decode.load() is None
     assert cpu_decode.why_unavailable() == "no C++ compiler (/nonexistent/c++) on PATH"
 
+
+
+def test_fused_generations_survive_prefix_reuse_chunking_and_preemption(tmp_path):
+    """A shared 32-token prefix (two cached blocks), prompts chunked 24 tokens at a time among
+    running decodes, n=2 choices sharing their prompt's blocks, and a pool too small for
+    everyone, so that sequences are preempted and recomputed: the same tokens either way."""
+    path = make_serving_checkpoint(tmp_path)
+    model = load_model(path, "bfloat16", attention="cpu", progress=False)
+    tokenizer = Tokenizer.from_dir(path)
+    prefix = [300 + j for j in range(32)]
+    prompts = [prefix + [900 + 11 * i + j for j in range(3 + 7 * i)] for i in range(4)]
+    outputs, preempted, cached = [], [], []
+    for decoder in (model.fused_decode, None):
+        model.fused_decode = decoder
+        core = EngineCore(model, tokenizer, EngineConfig(
+            max_model_len=128, num_blocks=14, block_size=BLOCK,
+            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))
+        schedule, victims = core.scheduler.schedule, []
+        def counting_schedule():
+            out = schedule()
+            victims.extend(out.preempted)
+            return out
+        core.scheduler.schedule = counting_schedule
+        outputs.append(generate(core, prompts, max_tokens=20, n=2, cached=cached))
+        preempted.append(len(victims))
+        assert core.kv.num_free_blocks == 14  # every block back in the pool
+    assert outputs[0] == outputs[1]
+    assert all(len(t) == 20 for t in outputs[0])
+    assert min(preempted) > 0, preempted  # the pool really ran dry
+    assert max(cached) >= 32  # and the shared prefix was served from the cache
