@@ -35,6 +35,7 @@ class CpuAttention(TorchAttention):
 
     def __init__(self) -> None:
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._up_proj: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # each layer's w_kv_b in bf16, made once
 
     def plan(self, meta: AttentionMetadata) -> None:
         self._plans.clear()
@@ -73,7 +74,10 @@ class CpuAttention(TorchAttention):
         rows = torch.cat([(meta.block_tables[i, : -(-s // block_size)].long()[:, None] * block_size + offsets)
                           .flatten()[:s] for i, s in enumerate(meta.seq_lens)])
         ctx = cache.view(-1, cache.shape[-1]).index_select(0, rows)  # [sum of contexts, C + R]
-        kv = F.linear(ctx[:, :latent_dim], w_kv_b.flatten(0, 1).to(cache.dtype)).view(-1, heads, nope_dim + v_dim)
+        key = (w_kv_b.data_ptr(), cache.dtype)
+        if key not in self._up_proj:
+            self._up_proj[key] = w_kv_b.flatten(0, 1).to(cache.dtype)  # [H * (Dn + Dv), C]
+        kv = F.linear(ctx[:, :latent_dim], self._up_proj[key]).view(-1, heads, nope_dim + v_dim)
         q = torch.cat((q_nope, q_pe), dim=-1).float().transpose(0, 1)  # [H, T, Dn + R]
         out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
         masks: dict[tuple[int, int], torch.Tensor] = {}
