@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -47,26 +46,17 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w) {
   return stack[0].toTensor();
 }
 
-// sum_i a[i] * b[i], fp32 a, bf16 b; 16 independent lanes so the compiler vectorizes it.
-inline float dot_f32_bf16(const float* a, const bf16* b, int64_t n) {
+// sum_i a[i] * b[i] in fp32 for fp32 a and fp32 or bf16 b; 16 independent lanes so the
+// compiler vectorizes it.
+template <typename B>
+inline float dot(const float* a, const B* b, int64_t n) {
   float acc[16] = {0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * f32(b[i + k]);
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * static_cast<float>(b[i + k]);
   float s = 0;
   for (int k = 0; k < 16; ++k) s += acc[k];
-  for (; i < n; ++i) s += a[i] * f32(b[i]);
-  return s;
-}
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
-  float s = 0;
-  for (int k = 0; k < 16; ++k) s += acc[k];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
@@ -103,12 +93,12 @@ inline void score_rows(const float* q, const bf16* const* rows, float* scores, i
         }
       }
       for (; p < len; ++p)
-        for (int k = 0; k < 8; ++k) scores[(h0 + k) * len + p] = dot_f32_bf16(q + (h0 + k) * W, rows[p], W);
+        for (int k = 0; k < 8; ++k) scores[(h0 + k) * len + p] = dot(q + (h0 + k) * W, rows[p], W);
     }
   }
 #endif
   for (; h0 < nh; ++h0)
-    for (int64_t p = 0; p < len; ++p) scores[h0 * len + p] = dot_f32_bf16(q + h0 * W, rows[p], W);
+    for (int64_t p = 0; p < len; ++p) scores[h0 * len + p] = dot(q + h0 * W, rows[p], W);
 }
 
 // acc[h * C + j] = sum_p probs[h * len + p] * rows[p][j] for the first C columns of the rows.
@@ -537,7 +527,7 @@ class Decoder {
     const float* rw = l.router_w.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t d = 0; d < D; ++d) hf[d] = f32(hp[t * D + d]);
-      for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot_f32(hf.data(), rw + e * D, D);
+      for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot(hf.data(), rw + e * D, D);
       route(logits.data() + t * E, l.router_bias.data_ptr<float>(), ids.data() + t * K, weights.data() + t * K);
     }
     at::Tensor routed;
