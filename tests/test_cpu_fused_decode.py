@@ -27,6 +27,32 @@ pytestmark = pytest.mark.skipif(cpu_decode.toolchain_missing() is not None,
 def test_the_extension_builds_where_there_is_a_compiler():
     assert cpu_decode.load() is not None, cpu_decode.why_unavailable()
 
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 5, 32), (1, 130, 512), (2, 64, 96), (3, 7, 64),
+                                                              (4, 260, 256)])
+def test_small_linear_matches_f_linear(rows, out_features, in_features):
+    """The decode GEMM for at most 4 rows (AVX512-BF16 dot products on the plain weight)
+    against F.linear, over row counts, weight rows not a multiple of its 4-row blocks and K."""
+    ext = cpu_decode.load()
+    if not ext.small_linear_available():
+        pytest.skip("this CPU has no AVX512-BF16: decode GEMMs stay on oneDNN")
+    gen = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).bfloat16()
+    torch.testing.assert_close(ext.small_linear(x, w).float(), torch.nn.functional.linear(x, w).float(),
+                               atol=1e-2, rtol=1e-2)
+
+
+def test_small_linear_refuses_shapes_it_does_not_take():
+    ext = cpu_decode.load()
+    if not ext.small_linear_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="at most 4 rows and K % 32 == 0"):
+        ext.small_linear(torch.zeros(5, 64, dtype=torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="at most 4 rows and K % 32 == 0"):
+        ext.small_linear(torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(8, 48, dtype=torch.bfloat16))
+
 BLOCK = 16
 # 4 heads (scalar loops), YaRN, 4 routing groups; 12 heads (one AVX-512 block of 8 + 4),
 # latent 96 (vectorized mix); 16 heads, latent 80 (scalar mix), one group, no renormalization.

@@ -53,20 +53,23 @@ class FusedCpuDecoder:
                                    model.rotary.inv_freq)
         for layer in body.layers:
             attn = layer.self_attn
-            tensors = dict(in_norm=layer.input_layernorm.weight, fused_a=attn.fused_a_proj.packed.packed,
-                           qa_norm=attn.q_a_layernorm.weight, q_b=attn.q_b_proj.packed.packed,
+            tensors = dict(in_norm=layer.input_layernorm.weight, qa_norm=attn.q_a_layernorm.weight,
                            kva_norm=attn.kv_a_layernorm.weight, w_uk=attn.w_uk, w_uv_t=attn.w_uv_t,
-                           o_proj=attn.o_proj.packed.packed, post_norm=layer.post_attention_layernorm.weight)
-            mlp, up, down = layer.mlp, [], []
+                           post_norm=layer.post_attention_layernorm.weight)
+            linears = dict(fused_a=attn.fused_a_proj, q_b=attn.q_b_proj, o_proj=attn.o_proj)
+            mlp, experts = layer.mlp, ([], [], [], [])
             if isinstance(mlp, MoE):
-                dense = mlp.experts.dense
+                dense, routed = mlp.experts.dense, mlp.experts
                 tensors.update(router_w=mlp.gate.weight, router_bias=mlp.gate.e_score_correction_bias,
                                up_all=dense.up.packed, down_all=dense.down.packed)
-                up, down = [w.packed for w in dense.expert_up], [w.packed for w in dense.expert_down]
+                experts = ([w.packed for w in dense.expert_up], [w.packed for w in dense.expert_down],
+                           list(routed.w13), list(routed.w2))
                 mlp = mlp.shared_experts
             if mlp is not None:
-                tensors.update(gate_up=mlp.gate_up_proj.packed.packed, down=mlp.down_proj.packed.packed)
-            self.decoder.add_layer(tensors, up, down)
+                linears.update(gate_up=mlp.gate_up_proj, down=mlp.down_proj)
+            for name, module in linears.items():  # each weight prepacked, and plain for small batches
+                tensors[name], tensors[name + "_w"] = module.packed.packed, module.weight
+            self.decoder.add_layer(tensors, *experts)
 
     @classmethod
     def of(cls, model) -> tuple["FusedCpuDecoder | None", str | None]:
