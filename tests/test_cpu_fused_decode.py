@@ -5,6 +5,8 @@ boundaries, YaRN and routing variants; then whole generations through EngineCore
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from engine.core import EngineConfig, EngineCore
 from engine.scheduler import SchedulerConfig
 from engine.loader import load_model
 from engine.model.fused_cpu import FusedCpuDecoder
+from engine.model.layers import RMSNorm
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -41,6 +44,23 @@ def test_small_linear_matches_f_linear(rows, out_features, in_features):
     w = (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).bfloat16()
     torch.testing.assert_close(ext.small_linear(x, w).float(), torch.nn.functional.linear(x, w).float(),
                                atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_one_pass_rms_norm_matches_the_reference(strided):
+    """RMSNorm's fused form (set on a bf16 CPU model) against its composite form, on rows
+    that are contiguous and on a column slice of a wider tensor (MLA's q_a and latent)."""
+    gen = torch.Generator().manual_seed(3)
+    wide = (torch.randn(300, 704, generator=gen) * 3).bfloat16()
+    x = wide[:, 128:640] if strided else wide[:, :512].contiguous()
+    norm = RMSNorm(512, 1e-6, torch.bfloat16, "cpu")
+    norm.weight.data.copy_(torch.rand(512, generator=gen) + 0.5)
+    ref = norm(x)
+    norm.fused = cpu_decode.load().rms_norm
+    out = norm(x)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=8e-3)  # one bf16 ulp at most
+    assert (out == ref).float().mean() > 0.99  # and almost everywhere bit-equal
 
 
 def test_small_linear_refuses_shapes_it_does_not_take():
@@ -83,17 +103,28 @@ def decode_step(model, seq_lens: list[int], seed: int):
     return ids, meta, cache
 
 
+@contextmanager
+def python_only(model):
+    """The model with every fused piece off (the decode step, the one-pass RMSNorm): the reference."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    saved = model.fused_decode, [m.fused for m in norms]
+    model.fused_decode = None
+    for m in norms:
+        m.fused = None
+    try:
+        yield model
+    finally:
+        model.fused_decode = saved[0]
+        for m, fused in zip(norms, saved[1]):
+            m.fused = fused
+
+
 def both_paths(model, ids, meta, cache):
     """(hidden, cache after) from the fused step and from the Python model."""
-    fused = model.fused_decode
-    assert fused is not None and fused.decodes(meta) == len(meta.query_lens)
-    out = []
-    for decoder in (fused, None):
-        model.fused_decode = decoder
-        c = cache.clone()
-        out.append((model(ids, meta.positions(), c, meta), c))
-    model.fused_decode = fused
-    return out
+    assert model.fused_decode is not None and model.fused_decode.decodes(meta) == len(meta.query_lens)
+    fused = (model(ids, meta.positions(), c := cache.clone(), meta), c)
+    with python_only(model):
+        return fused, (model(ids, meta.positions(), c := cache.clone(), meta), c)
 
 
 @pytest.mark.parametrize("seq_lens", [[1], [16], [17], [5, 40, 16, 33], [70] * 9 + [3, 64, 65, 100, 1, 2, 31]],
@@ -125,11 +156,8 @@ def test_a_mixed_step_fuses_its_decodes_and_runs_its_chunks_in_python(model):
     cache.copy_(torch.randn(cache.shape, generator=gen) * 0.5)
     ids = torch.randint(2, model.cfg.vocab_size, (11,), generator=gen)
     with_fused, cache_f = model(ids, meta.positions(), c := cache.clone(), meta), c
-    fused, model.fused_decode = model.fused_decode, None
-    try:
+    with python_only(model):
         ref, cache_r = model(ids, meta.positions(), c := cache.clone(), meta), c
-    finally:
-        model.fused_decode = fused
     assert with_fused.shape == ref.shape == (11, model.cfg.hidden_size)
     assert (with_fused.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
     torch.testing.assert_close(cache_f.float(), cache_r.float(), atol=0.03, rtol=0.02)
@@ -168,10 +196,10 @@ def test_engine_generations_with_the_fused_step_match_the_python_model(tmp_path)
     tokenizer = Tokenizer.from_dir(path)
     prompts = [[100 + 7 * i + j for j in range(5 + 9 * i)] for i in range(4)]
     outputs = []
-    for decoder in (model.fused_decode, None):
-        model.fused_decode = decoder
-        core = EngineCore(model, tokenizer, EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK))
-        outputs.append(generate(core, prompts, max_tokens=24))
+    for fused in (True, False):
+        with nullcontext() if fused else python_only(model):
+            core = EngineCore(model, tokenizer, EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK))
+            outputs.append(generate(core, prompts, max_tokens=24))
     assert outputs[0] == outputs[1]
     assert all(len(t) == 24 for t in outputs[0])
 
@@ -208,20 +236,21 @@ def test_fused_generations_survive_prefix_reuse_chunking_and_preemption(tmp_path
     prefix = [300 + j for j in range(32)]
     prompts = [prefix + [900 + 11 * i + j for j in range(3 + 7 * i)] for i in range(4)]
     outputs, preempted, cached = [], [], []
-    for decoder in (model.fused_decode, None):
-        model.fused_decode = decoder
-        core = EngineCore(model, tokenizer, EngineConfig(
-            max_model_len=128, num_blocks=14, block_size=BLOCK,
-            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))
-        schedule, victims = core.scheduler.schedule, []
-        def counting_schedule():
-            out = schedule()
-            victims.extend(out.preempted)
-            return out
-        core.scheduler.schedule = counting_schedule
-        outputs.append(generate(core, prompts, max_tokens=20, n=2, cached=cached))
-        preempted.append(len(victims))
-        assert core.kv.num_free_blocks == 14  # every block back in the pool
+    for fused in (True, False):
+        with nullcontext() if fused else python_only(model):
+            core = EngineCore(model, tokenizer, EngineConfig(
+                max_model_len=128, num_blocks=14, block_size=BLOCK,
+                scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))
+            schedule, victims = core.scheduler.schedule, []
+
+            def counting_schedule():
+                out = schedule()
+                victims.extend(out.preempted)
+                return out
+            core.scheduler.schedule = counting_schedule
+            outputs.append(generate(core, prompts, max_tokens=20, n=2, cached=cached))
+            preempted.append(len(victims))
+            assert core.kv.num_free_blocks == 14  # every block back in the pool
     assert outputs[0] == outputs[1]
     assert all(len(t) == 20 for t in outputs[0])
     assert min(preempted) > 0, preempted  # the pool really ran dry

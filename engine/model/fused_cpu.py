@@ -49,6 +49,7 @@ class FusedCpuDecoder:
                 cfg.topk_group, cfg.moe_intermediate_size]
         scalars = [cfg.routed_scaling_factor, cfg.rms_norm_eps, cfg.softmax_scale, model.rotary.attention_factor]
         body = model.model
+        self.ext = ext
         self.decoder = ext.Decoder(dims, cfg.norm_topk_prob, scalars, body.embed_tokens.weight, body.norm.weight,
                                    model.rotary.inv_freq)
         for layer in body.layers:

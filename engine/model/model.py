@@ -103,6 +103,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             if isinstance(module, RoutedExperts):
                 module.use_dense_for_small_batches()
         self.fused_decode, reason = FusedCpuDecoder.of(self)
+        if self.fused_decode is not None:  # its one-pass RMSNorm serves the Python path's steps too
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.fused = self.fused_decode.ext.rms_norm
         log.info("decode steps: %s", "fused C++ (kernels/csrc/cpu_decode.cpp)" if reason is None
                  else f"Python model ({reason})")
 

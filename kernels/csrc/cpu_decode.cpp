@@ -653,6 +653,24 @@ class Decoder {
   }
 };
 
+// RMSNorm of every row of x [T, n] (unit stride along n, any row stride) as RMSNorm in
+// engine/model/layers.py: for the Python path's large batches (prefill), where the composite
+// op makes five passes over the rows and this makes one.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.scalar_type() == at::kBFloat16 && w.numel() == x.size(1),
+              "rms_norm: x [T, n] bf16 with unit stride along n, w [n] bf16");
+  const int64_t T = x.size(0), n = x.size(1), ld = x.stride(0);
+  at::Tensor out = at::empty({T, n}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_norm_row(xp + t * ld, wp, op + t * n, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -662,6 +680,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // the step runs without the GIL: an event loop on another thread of the process (the
       // in-process AsyncEngine) stays responsive, as it does between the Python path's ops
       .def("forward", &Decoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("small_linear", &small_linear, "x [T <= 4, K] @ w [N, K]^T with AVX512-BF16 (tests compare it with F.linear)");
   m.def("small_linear_available", []() {
 #if defined(__AVX512BF16__)
