@@ -337,6 +337,24 @@ inline bf16 swiglu(bf16 gate, bf16 up) {
   return round_bf16(f32(round_bf16(g / (1.0f + std::exp(-g)))) * f32(up));
 }
 
+// RMSNorm of every row of x [T, n] (unit stride along n, any row stride) as RMSNorm in
+// engine/model/layers.py: for the Python path's large batches (prefill), where the composite
+// op makes five passes over the rows and this makes one; and every norm of the fused step.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.scalar_type() == at::kBFloat16 && w.numel() == x.size(1),
+              "rms_norm: x [T, n] bf16 with unit stride along n, w [n] bf16");
+  const int64_t T = x.size(0), n = x.size(1), ld = x.stride(0);
+  at::Tensor out = at::empty({T, n}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_norm_row(xp + t * ld, wp, op + t * n, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
 struct Config {
   int64_t hidden, heads, q_rank, kv_rank, rope, nope, v_dim;
   int64_t experts, top_k, n_group, topk_group, moe_inter;
@@ -419,25 +437,13 @@ class Decoder {
       x = attention(layers_[i], x, cs, slots, block_tables, seq_lens, cache.select(0, i));
       x = layers_[i].moe ? moe(layers_[i], x) : mlp(layers_[i], x);
     }
-    at::Tensor out = at::empty({T, D}, x.options());
-    norm_rows(x, final_norm_, out, D);
-    return out;
+    return rms_norm(x, final_norm_, cfg_.eps);
   }
 
  private:
   Config cfg_;
   at::Tensor embed_, final_norm_, inv_freq_;
   std::vector<Layer> layers_;
-
-  // RMSNorm of n columns from `offset` of each row of `in` into the rows of `out`
-  void norm_rows(const at::Tensor& in, const at::Tensor& w, at::Tensor& out, int64_t n, int64_t offset = 0) const {
-    const int64_t T = in.size(0), ld = in.stride(0);
-    const bf16* src = in.data_ptr<bf16>() + offset;
-    const bf16* wp = w.data_ptr<bf16>();
-    bf16* dst = out.data_ptr<bf16>();
-    const float eps = static_cast<float>(cfg_.eps);
-    for (int64_t t = 0; t < T; ++t) rms_norm_row(src + t * ld, wp, dst + t * out.stride(0), n, eps);
-  }
 
   at::Tensor rope_table(const at::Tensor& positions) {
     const int64_t T = positions.size(0), half = cfg_.rope / 2;
@@ -469,11 +475,9 @@ class Decoder {
     const auto& c = cfg_;
     const int64_t T = x.size(0), D = c.hidden, H = c.heads, C = c.kv_rank, R = c.rope, W = C + R;
     const int64_t Dn = c.nope, Dv = c.v_dim, QK = Dn + R, Q = c.q_rank, half = R / 2;
-    at::Tensor xn = at::empty_like(x);
-    norm_rows(x, l.in_norm, xn, D);
+    const at::Tensor xn = rms_norm(x, l.in_norm, c.eps);
     const at::Tensor a = linear(xn, l.fused_a);  // [T, Q + C + R]
-    at::Tensor qa = at::empty({T, Q}, x.options());
-    norm_rows(a, l.qa_norm, qa, Q);
+    const at::Tensor qa = rms_norm(a.narrow(1, 0, Q), l.qa_norm, c.eps);
     const at::Tensor q = linear(qa, l.q_b);  // [T, H * (Dn + R)]
 
     // the new tokens' cache rows: normed latent, roped key
@@ -562,8 +566,7 @@ class Decoder {
   }
 
   at::Tensor mlp(const Layer& l, const at::Tensor& h) {
-    at::Tensor hn = at::empty_like(h);
-    norm_rows(h, l.post_norm, hn, cfg_.hidden);
+    const at::Tensor hn = rms_norm(h, l.post_norm, cfg_.eps);
     return add(h, swiglu_mlp(hn, l.gate_up, l.down));
   }
 
@@ -609,8 +612,7 @@ class Decoder {
   at::Tensor moe(const Layer& l, const at::Tensor& h) {
     const auto& c = cfg_;
     const int64_t T = h.size(0), D = c.hidden, E = c.experts, K = c.top_k, I = c.moe_inter;
-    at::Tensor hn = at::empty_like(h);
-    norm_rows(h, l.post_norm, hn, D);
+    const at::Tensor hn = rms_norm(h, l.post_norm, c.eps);
     // router logits in fp32: hn.float() @ W^T
     std::vector<float> logits(T * E), weights(T * K), hf(D);
     std::vector<int64_t> ids(T * K);
@@ -652,24 +654,6 @@ class Decoder {
     return add(h, out);
   }
 };
-
-// RMSNorm of every row of x [T, n] (unit stride along n, any row stride) as RMSNorm in
-// engine/model/layers.py: for the Python path's large batches (prefill), where the composite
-// op makes five passes over the rows and this makes one.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
-                  w.scalar_type() == at::kBFloat16 && w.numel() == x.size(1),
-              "rms_norm: x [T, n] bf16 with unit stride along n, w [n] bf16");
-  const int64_t T = x.size(0), n = x.size(1), ld = x.stride(0);
-  at::Tensor out = at::empty({T, n}, x.options());
-  const bf16* xp = x.data_ptr<bf16>();
-  const bf16* wp = w.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) rms_norm_row(xp + t * ld, wp, op + t * n, n, static_cast<float>(eps));
-  });
-  return out;
-}
 
 }  // namespace
 
