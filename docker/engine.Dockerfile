@@ -43,6 +43,8 @@ RUN apt-get update \
     && mkdir -p /models/model
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/grpc_health_probe.py /opt/moeserve/grpc_health_probe.py
+# compose.yaml's entrypoint: TP, DP and EP as `engine serve` flags, checked against the GPUs reserved.
+COPY docker/engine-entrypoint.sh /opt/moeserve/engine-entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /home/moeserve

