@@ -94,11 +94,17 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> 
     return q.view_as(padded)[:o, :i].contiguous(), scale_inv.contiguous()
 
 
-def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """Inverse of `fp8_block_quantize`, in fp32: q [O, I] e4m3, scale_inv [O/bo, I/bi]."""
+def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Inverse of `fp8_block_quantize`, in fp32: q [O, I] e4m3, scale_inv [O/bo, I/bi].
+
+    q may be the slice of a larger weight that starts at row and column `offset` (a tensor-
+    parallel rank's part), with scale_inv the whole weight's scales."""
     o, i = q.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:o].repeat_interleave(block[1], 1)[:, :i]
-    return q.float() * scale
+    r0, c0 = offset
+    rows = torch.arange(r0, r0 + o) // block[0]
+    cols = torch.arange(c0, c0 + i) // block[1]
+    return q.float() * scale_inv.float()[rows][:, cols]
 
 
 def is_fp8_quantizable(name: str, tensor: torch.Tensor) -> bool:

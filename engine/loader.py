@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 from engine.attention import default_attention_backend
 from engine.checkpoint import fp8_block_dequantize
+from engine.distributed import ParallelState
 from engine.model import CheckpointError, DeepseekV3ForCausalLM, ModelConfig
+from engine.model.layers import Shard
 from engine.model.fp4_experts import ExpertQuantization
 from kernels.fp4 import NVFP4Tensor, dequantize_nvfp4
 
@@ -81,10 +83,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
                attention: str = "auto", progress: bool = True,
-               quantization: str | None = None) -> DeepseekV3ForCausalLM:
+               quantization: str | None = None, parallel: ParallelState | None = None,
+               moe_dispatch: str = "auto") -> DeepseekV3ForCausalLM:
     """attention "auto": the fast backend for the device ("cpu" on CPUs, "flashinfer" on CUDA where
     installed); "torch" is the reference.
-    quantization None, "nvfp4" or "mxfp4": the format of the routed experts (see above)."""
+    quantization None, "nvfp4" or "mxfp4": the format of the routed experts (see above).
+    parallel: this rank's place in a layout; only its part of each tensor is read (the counts
+    of bytes read end up in `model.load_bytes`)."""
     quant = ExpertQuantization.parse(quantization)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -96,9 +101,14 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
     dev = torch.device(device)
     if attention == "auto":
         attention = default_attention_backend(dev)
-    model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention,
-                                  None if cfg.nvfp4_checkpoint else quant)
-    _Filler(model, cfg).fill(checkpoint_files(model_dir), progress)
+    try:
+        model = DeepseekV3ForCausalLM(cfg, resolve_dtype(dtype, cfg, dev), dev, attention,
+                                      None if cfg.nvfp4_checkpoint else quant, parallel, moe_dispatch)
+    except ValueError as exc:  # a layout the model's shapes do not divide into
+        raise CheckpointError(str(exc)) from None
+    filler = _Filler(model, cfg)
+    filler.fill(checkpoint_files(model_dir), progress)
+    model.load_bytes = filler.bytes_read
     model.finish_loading()
     return model.eval()
 
@@ -111,6 +121,7 @@ class _Filler:
         self.cfg = cfg
         self.slots = model.checkpoint_slots()
         self.pending = set(self.slots)
+        self.bytes_read = {"routed experts": 0, "other": 0}  # what came off the files, by kind
 
     def fill(self, files: list[Path], progress: bool) -> None:
         with tqdm(desc="loading weights", unit="tensor", disable=not progress) as bar:
@@ -126,7 +137,7 @@ class _Filler:
                 except SafetensorError as exc:
                     raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         if "lm_head.weight" in self.pending and self.cfg.tie_word_embeddings:
-            self.slots["lm_head.weight"].copy_(self.slots["model.embed_tokens.weight"])
+            _target(self.slots["lm_head.weight"]).copy_(_target(self.slots["model.embed_tokens.weight"]))
             self.pending.discard("lm_head.weight")
         if self.pending:
             missing = sorted(self.pending)
@@ -138,29 +149,69 @@ class _Filler:
             return  # multi-token-prediction layer: not used for plain decoding yet
         if name not in self.slots:
             raise CheckpointError(f"unexpected tensor {name} in checkpoint")
-        tensor, target = f.get_tensor(name), self.slots[name]
+        slot = self.slots[name]
+        self.pending.discard(name)
+        if slot is None:
+            return  # another rank's expert: never read
+        shard = slot if isinstance(slot, Shard) else None
+        target = _target(slot)
+        if name + "_scale" in names and target.dtype != torch.uint8:
+            tensor = _nvfp4_dequantize(name, self._read(name, f, None), f, _full_shape(target, shard))
+            tensor = tensor if shard is None else tensor.narrow(shard.dim, shard.start, shard.stop - shard.start)
+        else:
+            tensor = self._read(name, f, shard)
         if name + "_scale_inv" in names:
-            tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size)
-        elif name + "_scale" in names and target.dtype != torch.uint8:
-            tensor = _nvfp4_dequantize(name, tensor, f, target)
+            offset = (0, 0) if shard is None else ((shard.start, 0) if shard.dim == 0 else (0, shard.start))
+            tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size, offset)
         if target.dim() == 0 and tensor.numel() == 1:
             tensor = tensor.reshape(())  # a scale written as [1] rather than []
         if (target.dtype in _STORED_AS_IS or tensor.dtype == torch.uint8) and tensor.dtype != target.dtype:
             raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
         if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            got = tuple(tensor.shape) if shard is None else _shape_of(f, name)
+            raise CheckpointError(f"tensor {name} has shape {got}, expected {_full_shape(target, shard)}")
         target.copy_(tensor.to(target.dtype))
-        self.pending.discard(name)
+
+    def _read(self, name: str, f, shard: Shard | None) -> torch.Tensor:
+        """The tensor, or only the slice `shard` names (the rest of the file is never read)."""
+        if shard is None:
+            tensor = f.get_tensor(name)
+        else:
+            full = f.get_slice(name)
+            shape = full.get_shape()
+            if len(shape) <= shard.dim or shape[shard.dim] != shard.full:
+                raise CheckpointError(f"tensor {name} has shape {tuple(shape)}, expected {shard.full} along "
+                                      f"dimension {shard.dim}")
+            tensor = full[(slice(None),) * shard.dim + (slice(shard.start, shard.stop),)]
+        kind = "routed experts" if ".mlp.experts." in name else "other"
+        self.bytes_read[kind] += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _target(slot):
+    return slot.target if isinstance(slot, Shard) else slot
+
+
+def _full_shape(target, shard: Shard | None) -> tuple[int, ...]:
+    shape = list(target.shape)
+    if shard is not None:
+        shape[shard.dim] = shard.full
+    return tuple(shape)
+
+
+def _shape_of(f, name: str) -> tuple[int, ...]:
+    return tuple(f.get_slice(name).get_shape())
 
 
 _STORED_AS_IS = (torch.uint8, torch.float8_e4m3fn)  # packed FP4 and its block scales: never cast
 
 
-def _nvfp4_dequantize(name: str, packed: torch.Tensor, f, target: torch.Tensor) -> torch.Tensor:
-    """A ModelOpt NVFP4 linear `name` (uint8 [N, K/2]) -> fp32 [N, K] shaped like target."""
+def _nvfp4_dequantize(name: str, packed: torch.Tensor, f, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ModelOpt NVFP4 linear `name` (uint8 [N, K/2]) -> fp32 [N, K] of logical `shape`.
+    Read whole, then sliced by the caller: these (attention, dense, shared) are small."""
     try:
         w = NVFP4Tensor(packed, f.get_tensor(name + "_scale"),
-                        f.get_tensor(name + "_scale_2").float().reshape(()), tuple(target.shape))
+                        f.get_tensor(name + "_scale_2").float().reshape(()), shape)
     except (ValueError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"tensor {name}: not NVFP4 of logical shape {tuple(target.shape)} ({exc})") from None
+        raise CheckpointError(f"tensor {name}: not NVFP4 of logical shape {shape} ({exc})") from None
     return dequantize_nvfp4(w)

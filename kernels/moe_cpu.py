@@ -39,13 +39,15 @@ class DenseExperts:
         self.expert_down = [_linear(w2[i]) for i in range(e)]
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D] in x's dtype."""
+        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 (-1: held elsewhere) -> [T, D] in x's dtype."""
         t = x.shape[0]
         if t == 1:
             return self._one_token(x, weights, ids)
         h = self.up(x).view(t, self.experts, 2, self.inter)  # [T, E, 2, I]: gate, up
         act = F.silu(h[:, :, 0]) * h[:, :, 1]  # [T, E, I]
-        combine = torch.zeros(t, self.experts, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
+        held = ids >= 0
+        combine = torch.zeros(t, self.experts, dtype=torch.float32, device=x.device).scatter_add_(
+            1, ids.clamp(min=0), weights * held)
         act = act * combine.to(act.dtype)[..., None]
         return self.down(act.reshape(t, self.experts * self.inter))
 
@@ -53,6 +55,8 @@ class DenseExperts:
         """x [1, D] -> [1, D]: the token's K experts only, summed in fp32 like the reference."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert, weight in zip(ids[0].tolist(), weights[0].tolist(), strict=True):
+            if expert < 0:
+                continue
             h = self.expert_up[expert](x)  # [1, 2I]
             y = self.expert_down[expert](F.silu(h[:, : self.inter]) * h[:, self.inter:])
             out.add_(y.float(), alpha=weight)

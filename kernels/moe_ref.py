@@ -45,12 +45,13 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     """Routed experts, one expert at a time.
 
     x [T, D]; w13 [E, 2I, D] (gate rows, then up rows); w2 [E, D, I];
-    weights [T, K] fp32; ids [T, K] int64. Returns [T, D] in x's dtype:
-    sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k].
+    weights [T, K] fp32; ids [T, K] int64, -1 for an expert held elsewhere (skipped).
+    Returns [T, D] in x's dtype: sum over k of weights[t, k] * down(silu(gate(x)) * up(x))
+    with expert ids[t, k].
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     inter = w2.shape[-1]
-    for expert in ids.unique().tolist():
+    for expert in held_experts(ids):
         token, slot = (ids == expert).nonzero(as_tuple=True)
         h = x[token] @ w13[expert].t()
         h = F.silu(h[:, :inter]) * h[:, inter:]
@@ -67,17 +68,22 @@ def moe_reference_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4
     x [T, D]; w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both NVFP4Tensor or
     both MXFP4Tensor; weights [T, K] fp32; ids [T, K] int64. Returns [T, D] in x's dtype, equal
     to `triton_fused_moe.fused_moe_fp4_reference` (which dequantizes every expert first).
-    Peak extra memory: one expert's dense w13 and w2.
+    Peak extra memory: one expert's dense w13 and w2. Ids of -1 are skipped, as there.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     inter = w2.shape[-1]
-    for expert in ids.unique().tolist():
+    for expert in held_experts(ids):
         token, slot = (ids == expert).nonzero(as_tuple=True)
         h = x[token] @ dequantize_fp4(fp4_expert(w13, expert), x.dtype).t()
         h = F.silu(h[:, :inter]) * h[:, inter:]
         y = h @ dequantize_fp4(fp4_expert(w2, expert), x.dtype).t()
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out.to(x.dtype)
+
+
+def held_experts(ids: torch.Tensor) -> list[int]:
+    """The distinct expert ids in ids [T, K], without -1 (an expert another rank holds)."""
+    return [e for e in ids.unique().tolist() if e >= 0]
 
 
 def fp4_expert(w: NVFP4Tensor | MXFP4Tensor, expert: int) -> NVFP4Tensor | MXFP4Tensor:

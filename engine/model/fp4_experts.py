@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 from abc import ABC, abstractmethod
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,7 +89,8 @@ class FP4MoE(ABC):
     @abstractmethod
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D] in x's dtype:
-        sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k]."""
+        sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k];
+        an id of -1 (an expert another rank holds) adds nothing."""
 
     def nbytes(self) -> int:
         return fp4_nbytes(self.w13) + fp4_nbytes(self.w2)
@@ -110,13 +112,25 @@ class TritonFP4MoE(FP4MoE):
         self._fused = fused_moe_fp4
 
     def __call__(self, x, weights, ids):
-        return self._fused(x, self.w13, self.w2, weights, ids)
+        held = ids >= 0  # an expert held elsewhere: routed to expert 0 with weight 0
+        return self._fused(x, self.w13, self.w2, weights * held, ids.clamp(min=0))
 
 
 def fp4_moe_for(w13: FP4Tensor, w2: FP4Tensor) -> FP4MoE:
     """The backend for the device the weights live on: Triton on CUDA, the reference elsewhere."""
     backend = TritonFP4MoE if w13.packed.device.type == "cuda" else TorchFP4MoE
     return backend(w13, w2)
+
+
+class ExpertSlot(NamedTuple):
+    """Where one checkpoint tensor of an expert goes: `target`, whose dimension `dim` runs
+    along the expert's intermediate size (None: a scalar, whole on every rank), `per` entries
+    of the intermediate size to one element there (2 for packed FP4 values, 16 for NVFP4
+    scales); tensor parallelism then loads the slice of it that holds this rank's part."""
+
+    target: Any
+    dim: int | None
+    per: int = 1
 
 
 class NVFP4ExpertSlots:
@@ -143,16 +157,17 @@ class NVFP4ExpertSlots:
         self.w13_scale_2 = torch.empty(experts, 2, dtype=torch.float32, device=device)  # gate, up
         self.w2_scale_2 = torch.empty(experts, dtype=torch.float32, device=device)
 
-    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
+    def expert_slots(self, e: int) -> dict[str, ExpertSlot]:
+        """Local expert e's checkpoint tensors (by name suffix) and where they go."""
         slots, i = {}, self.inter
-        for e in range(self.w13_packed.shape[0]):
-            for k, (proj, rows) in enumerate((("gate_proj", slice(0, i)), ("up_proj", slice(i, 2 * i)))):
-                p = f"{prefix}{e}.{proj}."
-                slots.update({p + "weight": self.w13_packed[e, rows], p + "weight_scale": self.w13_scale[e, rows],
-                              p + "weight_scale_2": self.w13_scale_2[e, k]})
-            p = f"{prefix}{e}.down_proj."
-            slots.update({p + "weight": self.w2_packed[e], p + "weight_scale": self.w2_scale[e],
-                          p + "weight_scale_2": self.w2_scale_2[e]})
+        for k, (proj, rows) in enumerate((("gate_proj", slice(0, i)), ("up_proj", slice(i, 2 * i)))):
+            slots.update({f"{proj}.weight": ExpertSlot(self.w13_packed[e, rows], 0),
+                          f"{proj}.weight_scale": ExpertSlot(self.w13_scale[e, rows], 0),
+                          f"{proj}.weight_scale_2": ExpertSlot(self.w13_scale_2[e, k], None)})
+        # down_proj's reduction axis is the intermediate one: 2 values per byte, 16 per scale
+        slots.update({"down_proj.weight": ExpertSlot(self.w2_packed[e], 1, 2),
+                      "down_proj.weight_scale": ExpertSlot(self.w2_scale[e], 1, NVFP4_BLOCK),
+                      "down_proj.weight_scale_2": ExpertSlot(self.w2_scale_2[e], None)})
         return slots
 
     def finish(self) -> tuple[NVFP4Tensor, NVFP4Tensor]:
@@ -210,12 +225,11 @@ class QuantizingExpertSlots:
         self.w13: list[FP4Tensor | None] = [None] * experts
         self.w2: list[FP4Tensor | None] = [None] * experts
 
-    def checkpoint_slots(self, prefix: str) -> dict[str, _ExpertPart]:
-        i, d, slots = self.inter, self.hidden, {}
-        for e in range(self.experts):
-            for part, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
-                slots[f"{prefix}{e}.{part}.weight"] = _ExpertPart(self, e, part, shape)
-        return slots
+    def expert_slots(self, e: int) -> dict[str, ExpertSlot]:
+        """Local expert e's checkpoint tensors (by name suffix) and where they go."""
+        i, d = self.inter, self.hidden
+        return {f"{part}.weight": ExpertSlot(_ExpertPart(self, e, part, shape), dim)
+                for part, shape, dim in (("gate_proj", (i, d), 0), ("up_proj", (i, d), 0), ("down_proj", (d, i), 1))}
 
     def receive(self, expert: int, part: str, tensor: torch.Tensor) -> None:
         parts = self.pending.setdefault(expert, {})

@@ -9,7 +9,12 @@ rope key k_pe shared by all heads; only those two are cached. Two equivalent for
   W_UV into the output, so attention runs directly against the latent cache and no
   per-head key or value is ever materialized.
 
-Legend: T = tokens, H = heads, Dn = qk_nope_head_dim, R = qk_rope_head_dim,
+Tensor parallelism (as DeepSeek's and vLLM's MLA do it): the heads are split over the TP
+group. Each rank holds its heads' rows of q_b_proj and kv_b_proj and their columns of
+o_proj (row-parallel: the partial outputs are summed over the group); the down-projections
+and the latent cache are the same on every rank, each computing and caching them itself.
+
+Legend: T = tokens, H = heads (this rank's), Dn = qk_nope_head_dim, R = qk_rope_head_dim,
 Dv = v_head_dim, C = kv_lora_rank.
 """
 
@@ -20,16 +25,24 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 
+from engine.distributed import Group, ParallelState
+
 from .config import ModelConfig
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, shard_slot
 from .rope import apply_rope
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, group: Group | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.group = group or ParallelState.single().tp
+        if cfg.num_attention_heads % self.group.size:
+            raise ValueError(f"--tensor-parallel-size {self.group.size} does not divide the "
+                             f"{cfg.num_attention_heads} attention heads")
+        self.heads = h = cfg.num_attention_heads // self.group.size
+        self.head_part = range(self.group.rank * h, (self.group.rank + 1) * h)
+        d = cfg.hidden_size
         # Both down-projections read x: one [q_lora_rank + C + R, D] GEMM (q_lora_rank 0 without q LoRA).
         self.q_rank = cfg.q_lora_rank or 0
         self.fused_a_proj = Linear(d, self.q_rank + cfg.kv_cache_dim, dtype, device)
@@ -54,12 +67,19 @@ class MLA(nn.Module):
         for name, param in self.named_parameters():
             if not name.startswith("fused_a_proj."):
                 slots[prefix + name] = param
+        cfg, heads, full = self.cfg, self.head_part, self.cfg.num_attention_heads
+        for name, dim, per_head in (("q_b_proj" if self.q_rank else "q_proj", 0, cfg.qk_head_dim),
+                                    ("kv_b_proj", 0, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                    ("o_proj", 1, cfg.v_head_dim)):
+            rows = range(heads.start * per_head, heads.stop * per_head)
+            key = f"{prefix}{name}.weight"
+            slots[key] = shard_slot(slots[key], dim, rows, full * per_head)
         return slots
 
     def _queries(self, x: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
         """x [T, D]; q_a [T, q_lora_rank] -> q [T, H, Dn + R]."""
         q = self.q_b_proj(self.q_a_layernorm(q_a)) if self.q_rank else self.q_proj(x)
-        return q.view(x.shape[0], self.cfg.num_attention_heads, self.cfg.qk_head_dim)
+        return q.view(x.shape[0], self.heads, self.cfg.qk_head_dim)
 
     def absorb_weights(self) -> None:
         """After loading: W_UK [H, Dn, C] and W_UV^T [H, C, Dv], contiguous and fp32, so decode
@@ -71,7 +91,7 @@ class MLA(nn.Module):
 
     def _kv_b(self) -> torch.Tensor:
         """kv_b_proj's weight as [H, Dn + Dv, C]."""
-        return self.kv_b_proj.weight.view(self.cfg.num_attention_heads, -1, self.cfg.kv_lora_rank)
+        return self.kv_b_proj.weight.view(self.heads, -1, self.cfg.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -89,7 +109,7 @@ class MLA(nn.Module):
                  backend.naive(q_nope[rows], q_pe[rows], cache, self.w_kv_b, sub, cfg.softmax_scale)
                  for rows, sub, absorbed in meta.forms]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, Dv]
-        return self.o_proj(out.flatten(1))  # [T, H * Dv] -> [T, D]
+        return self.group.all_reduce(self.o_proj(out.flatten(1)))  # [T, H * Dv] -> [T, D]
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                   meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:

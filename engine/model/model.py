@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+from engine.distributed import ParallelState
+from engine.distributed.moe_dispatch import TokenDispatcher, make_dispatcher
 
 from .config import ModelConfig
-from .layers import MLP, Linear, RMSNorm, empty_param
+from .layers import MLP, Linear, ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from .mla import MLA
 from .fp4_experts import ExpertQuantization
 from .fused_cpu import FusedCpuDecoder
@@ -30,13 +32,14 @@ log = logging.getLogger(__name__)
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device,
-                 quantization: ExpertQuantization | None = None) -> None:
+                 quantization: ExpertQuantization | None, parallel: ParallelState,
+                 dispatcher: TokenDispatcher) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLA(cfg, dtype, device)
+        self.self_attn = MLA(cfg, dtype, device, parallel.tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MoE(cfg, dtype, device, quantization) if cfg.is_moe_layer(layer) else MLP(
-            cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        self.mlp = MoE(cfg, dtype, device, quantization, parallel, dispatcher) if cfg.is_moe_layer(layer) else MLP(
+            cfg.hidden_size, cfg.intermediate_size, dtype, device, parallel.tp)
 
     def forward(self, x, rope, cache, meta, backend):
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, meta, backend)
@@ -44,25 +47,31 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Body(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
-                 quantization: ExpertQuantization | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, quantization: ExpertQuantization | None,
+                 parallel: ParallelState, dispatcher: TokenDispatcher) -> None:
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, quantization) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, parallel.tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device, quantization, parallel, dispatcher)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", attention: str = "torch",
-                 quantization: ExpertQuantization | None = None) -> None:
+                 quantization: ExpertQuantization | None = None, parallel: ParallelState | None = None,
+                 moe_dispatch: str = "auto") -> None:
         """quantization: the routed experts are quantized to that FP4 format as the loader
-        fills them, expert by expert, so their dense weights never all exist at once."""
+        fills them, expert by expert, so their dense weights never all exist at once.
+        parallel: this rank's place in a TP / DP / EP layout (default: one process holds it
+        all); moe_dispatch: how MoE layers reach experts on other ranks
+        (engine.distributed.moe_dispatch: auto, allgather, alltoall)."""
         super().__init__()
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        self.model = DeepseekV3Body(cfg, dtype, device, quantization)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
+        self.parallel = parallel or ParallelState.single()
+        self.dispatcher = make_dispatcher(self.parallel, cfg.n_routed_experts, moe_dispatch, self.device)
+        self.model = DeepseekV3Body(cfg, dtype, device, quantization, self.parallel, self.dispatcher)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, dtype, device, self.parallel.tp)
         self.rotary = RotaryEmbedding(cfg, device)
         self.attention: AttentionBackend = get_attention_backend(attention)
         self.fused_decode: FusedCpuDecoder | None = None  # set by finish_loading where it applies
@@ -102,6 +111,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                 module.pack()
             if isinstance(module, RoutedExperts):
                 module.use_dense_for_small_batches()
+        if self.parallel.world_size > 1:  # its collectives would have to live in C++
+            log.info("decode steps: Python model (the fused C++ step runs one rank only)")
+            return
         self.fused_decode, reason = FusedCpuDecoder.of(self)
         if self.fused_decode is not None:  # its one-pass RMSNorm serves the Python path's steps too
             for module in self.modules():
@@ -130,14 +142,25 @@ class DeepseekV3ForCausalLM(nn.Module):
             seqs = len(meta.query_lens)
             return torch.cat((self.fused_decode(input_ids[:n], positions[:n], kv_cache, meta.sequences(0, n)),
                               self.forward(input_ids[n:], positions[n:], kv_cache, meta.sequences(n, seqs))))
+        self.dispatcher.begin_step(len(input_ids))
         self.attention.plan(meta)
-        x = self.model.embed_tokens.weight[input_ids]
+        x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions)
         for layer, cache in zip(self.model.layers, kv_cache):
             x = layer(x, rope, cache, meta, self.attention)
         return self.model.norm(x)
 
     @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """A step with no tokens on this DP group while others have some: joins the MoE
+        layers' collectives (there is no attention or sampling to do)."""
+        self.dispatcher.begin_step(0)
+        x = torch.empty(0, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp(x)
+
+    @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D] -> logits [N, V] fp32."""
-        return self.lm_head(hidden).float()
+        """hidden [N, D] -> logits [N, V] fp32 (gathered over the TP group)."""
+        return self.lm_head(hidden)

@@ -12,12 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.distributed import ParallelState
+from engine.distributed.moe_dispatch import LocalDispatcher, TokenDispatcher
+from kernels.fp4 import NVFP4_BLOCK
 from kernels.moe_cpu import DENSE_MAX_TOKENS, DenseExperts
 from kernels.moe_ref import grouped_topk, moe_reference
 
 from .config import ModelConfig
-from .fp4_experts import ExpertQuantization, FP4MoE, NVFP4ExpertSlots, QuantizingExpertSlots, fp4_moe_for
-from .layers import MLP, empty_param
+from .fp4_experts import (ExpertQuantization, ExpertSlot, FP4MoE, NVFP4ExpertSlots, QuantizingExpertSlots,
+                          fp4_moe_for)
+from .layers import MLP, Shard, empty_param
 
 
 class Router(nn.Module):
@@ -38,22 +42,44 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts of one layer, in one of two forms:
+    """The routed experts of one layer that this rank holds, in one of two forms:
     - dense: parameters w13 / w2 in the serving dtype, the per-expert loop (or on a bf16 CPU
       the dense small-batch path);
     - FP4: quantized at load (`quantization`) or loaded from an NVFP4 checkpoint
       (`cfg.nvfp4_checkpoint`): w13 / w2 are None, the loader fills `staged`, and after
       `finish_loading` `fp4`, an `FP4MoE` backend, holds the only (packed) copy.
+
+    Over several ranks (see engine.distributed.moe_dispatch): with expert parallelism this
+    rank holds the whole experts `expert_ids`; without, the slice `inter_part` of every
+    expert's intermediate dimension. The loader reads only those.
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
-                 quantization: ExpertQuantization | None = None) -> None:
+                 quantization: ExpertQuantization | None = None, parallel: ParallelState | None = None) -> None:
         super().__init__()
-        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        parallel = parallel or ParallelState.single()
+        world, e, i, d = parallel.world, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        if parallel.expert_parallel:
+            if e % world.size:
+                raise ValueError(f"--enable-expert-parallel: the {e} routed experts do not divide over "
+                                 f"{world.size} ranks (--tensor-parallel-size x --data-parallel-size)")
+            e //= world.size
+            self.expert_ids, self.inter_part = range(world.rank * e, (world.rank + 1) * e), range(i)
+        else:
+            if i % world.size:
+                raise ValueError(f"the routed experts' intermediate size {i} does not divide over {world.size} "
+                                 "ranks (--tensor-parallel-size x --data-parallel-size); --enable-expert-parallel "
+                                 "splits whole experts instead")
+            i //= world.size
+            self.expert_ids, self.inter_part = range(e), range(world.rank * i, (world.rank + 1) * i)
+        self.num_experts, self.full_inter = cfg.n_routed_experts, cfg.moe_intermediate_size
         self.dense: DenseExperts | None = None
         self.fp4: FP4MoE | None = None
         self.staged: NVFP4ExpertSlots | QuantizingExpertSlots | None = None
         if cfg.nvfp4_checkpoint:
+            if len(self.inter_part) < self.full_inter and i % NVFP4_BLOCK:
+                raise ValueError(f"NVFP4 experts split over {world.size} ranks leave {i} of their intermediate "
+                                 f"size per rank, not a multiple of {NVFP4_BLOCK}; use --enable-expert-parallel")
             self.w13 = self.w2 = None
             self.staged = NVFP4ExpertSlots(e, i, d, device)
         elif quantization is not None:
@@ -80,20 +106,31 @@ class RoutedExperts(nn.Module):
             return self.fp4.nbytes()
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
-    def checkpoint_slots(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The checkpoint's per-expert tensors fill slices of the stacked weights."""
+    def expert_slots(self, e: int) -> dict[str, ExpertSlot]:
+        """Local expert e's checkpoint tensors (by name suffix) and where they go."""
         if self.staged is not None:
-            return self.staged.checkpoint_slots(prefix)
-        inter, slots = self.w2.shape[-1], {}
-        for e in range(self.w13.shape[0]):
-            p = f"{prefix}{e}."
-            slots[p + "gate_proj.weight"] = self.w13[e, :inter]
-            slots[p + "up_proj.weight"] = self.w13[e, inter:]
-            slots[p + "down_proj.weight"] = self.w2[e]
+            return self.staged.expert_slots(e)
+        inter = self.w2.shape[-1]
+        return {"gate_proj.weight": ExpertSlot(self.w13[e, :inter], 0),
+                "up_proj.weight": ExpertSlot(self.w13[e, inter:], 0),
+                "down_proj.weight": ExpertSlot(self.w2[e], 1)}
+
+    def checkpoint_slots(self, prefix: str) -> dict[str, object]:
+        """The checkpoint's per-expert tensors fill slices of the stacked weights; those of
+        the experts other ranks hold map to None (the loader skips them unread)."""
+        slots, part = {}, self.inter_part
+        whole = len(part) == self.full_inter
+        for local, expert in enumerate(self.expert_ids):
+            for suffix, (target, dim, per) in self.expert_slots(local).items():
+                slots[f"{prefix}{expert}.{suffix}"] = target if whole or dim is None else Shard(
+                    target, dim, part.start // per, part.stop // per, self.full_inter // per)
+        others = [e for e in range(self.num_experts) if e not in self.expert_ids]
+        suffixes = list(self.expert_slots(0)) if others else []
+        slots.update({f"{prefix}{e}.{suffix}": None for e in others for suffix in suffixes})
         return slots
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D]."""
+        """x [T, D]; weights [T, K] fp32; ids [T, K] int64, local (-1: held elsewhere) -> [T, D]."""
         if self.fp4 is not None:
             return self.fp4(x, weights, ids)
         if self.dense is not None and x.shape[0] <= DENSE_MAX_TOKENS:
@@ -102,16 +139,25 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Router, routed experts (through the model's dispatcher) and shared experts; over
+    several ranks, both kinds of expert leave partial sums that one TP all-reduce adds."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device,
-                 quantization: ExpertQuantization | None = None) -> None:
+                 quantization: ExpertQuantization | None = None, parallel: ParallelState | None = None,
+                 dispatcher: TokenDispatcher | None = None) -> None:
         super().__init__()
+        parallel = parallel or ParallelState.single()
+        self.tp = parallel.tp
+        self.dispatcher = dispatcher or LocalDispatcher(parallel, cfg.n_routed_experts, torch.device(device))
         self.gate = Router(cfg, device)
-        self.experts = RoutedExperts(cfg, dtype, device, quantization)
+        self.experts = RoutedExperts(cfg, dtype, device, quantization, parallel)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, shared, dtype, device) if shared else None
+        self.shared_experts = MLP(cfg.hidden_size, shared, dtype, device, parallel.tp) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        out = self.dispatcher(x, weights, ids, self.experts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x, reduce=False)
+        return self.tp.all_reduce(out)
