@@ -1,0 +1,102 @@
+"""The model split over ranks (tensor, expert and data-parallel attention layouts, on real
+processes joined by gloo) computes the single-process model's logits: teacher-forced
+varlen prefill, chunked prefill and 22 mixed decode steps, fp32, within 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.loader import load_model
+from helpers import LORA_YARN, PLAIN_ONE_GROUP, make_checkpoint
+from parallel_ranks import mixed_scenario, run_ranks, run_scenario
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return {"lora_yarn": make_checkpoint(root / "lora_yarn", LORA_YARN, seed=3),
+            "plain": make_checkpoint(root / "plain", PLAIN_ONE_GROUP, seed=4)}
+
+
+def single_process_logits(path, seed: int, steps: int | None = None, quantization=None) -> list[torch.Tensor]:
+    model = load_model(path, dtype="float32", progress=False, quantization=quantization)
+    return run_scenario(model, mixed_scenario(model.cfg.vocab_size, seed), steps)
+
+
+def rank_logits(state, path, dispatch: str, seeds: list[int], steps: list[int | None], quantization=None):
+    model = load_model(path, dtype="float32", progress=False, parallel=state, moe_dispatch=dispatch,
+                       quantization=quantization)
+    logits = run_scenario(model, mixed_scenario(model.cfg.vocab_size, seeds[state.dp_rank]), steps[state.dp_rank])
+    return state.dp_rank, logits
+
+
+def assert_matches(results, reference: dict[int, list[torch.Tensor]], tol: float = TOL) -> None:
+    """Every rank (TP peers included: they all end with the gathered logits) against the
+    single-process logits of its DP group's scenario."""
+    for dp_rank, logits in results:
+        ref = reference[dp_rank]
+        assert len(logits) == len(ref) >= 20
+        for step, (got, want) in enumerate(zip(logits, ref)):
+            assert got.shape == want.shape
+            err = (got - want).abs().max().item()
+            assert err <= tol, f"DP rank {dp_rank}, step {step}: max |logit difference| {err:.2e} > {tol}"
+
+
+LAYOUTS = [  # (tp, dp, expert parallel, dispatch)
+    pytest.param(2, 1, False, "auto", id="tp2"),
+    pytest.param(2, 1, True, "allgather", id="tp2-ep-allgather"),
+    pytest.param(2, 1, True, "alltoall", id="tp2-ep-alltoall"),
+    pytest.param(1, 2, True, "allgather", id="dp2-ep2-allgather"),
+    pytest.param(1, 2, True, "alltoall", id="dp2-ep2-alltoall"),
+    pytest.param(1, 2, False, "auto", id="dp2-experts-split"),
+]
+
+
+@pytest.mark.parametrize("tp, dp, ep, dispatch", LAYOUTS)
+def test_parallel_logits_match_single_process(checkpoints, tp, dp, ep, dispatch):
+    path = checkpoints["lora_yarn"]
+    seeds = [10, 20][:dp]
+    reference = {d: single_process_logits(path, seeds[d]) for d in range(dp)}
+    results = run_ranks(rank_logits, tp, dp, ep, (path, dispatch, seeds, [None] * dp))
+    assert_matches(results, reference)
+
+
+def test_tp2_without_q_lora_and_two_shared_experts(checkpoints):
+    path = checkpoints["plain"]
+    results = run_ranks(rank_logits, 2, 1, False, (path, "auto", [5], [None]))
+    assert_matches(results, {0: single_process_logits(path, 5)})
+
+
+def test_four_ranks_tp2_dp2_with_experts_over_all_four(checkpoints):
+    path = checkpoints["lora_yarn"]
+    seeds = [30, 40]
+    reference = {d: single_process_logits(path, seeds[d]) for d in range(2)}
+    assert_matches(run_ranks(rank_logits, 2, 2, True, (path, "alltoall", seeds, [None, None])), reference)
+
+
+@pytest.mark.parametrize("dispatch", ["allgather", "alltoall"])
+def test_a_dp_rank_that_runs_out_of_work_steps_idle_and_the_other_is_unaffected(checkpoints, dispatch):
+    """DP rank 1 has work for 3 steps, then joins the MoE collectives with no tokens while
+    rank 0 runs on: rank 0's logits are still the single-process ones."""
+    path = checkpoints["lora_yarn"]
+    seeds = [50, 60]
+    reference = {0: single_process_logits(path, 50), 1: single_process_logits(path, 60, steps=3)}
+    results = run_ranks(rank_logits, 1, 2, True, (path, dispatch, seeds, [None, 3]))
+    for dp_rank, logits in results:
+        if dp_rank == 1:
+            assert len(logits) == 3
+            assert all((a - b).abs().max() <= TOL for a, b in zip(logits, reference[1]))
+        else:
+            assert_matches([(0, logits)], reference)
+
+
+@pytest.mark.parametrize("quantization", ["nvfp4", "mxfp4"])
+def test_fp4_experts_under_expert_parallelism_match_single_process_fp4(checkpoints, quantization):
+    """Each rank quantizes its own whole experts at load, exactly as one process does."""
+    path = checkpoints["lora_yarn"]
+    reference = {d: single_process_logits(path, 70 + d, quantization=quantization) for d in range(2)}
+    results = run_ranks(rank_logits, 1, 2, True, (path, "alltoall", [70, 71], [None, None], quantization))
+    assert_matches(results, reference)
