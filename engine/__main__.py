@@ -7,6 +7,7 @@ truncated file) prints one `error:` line and exits 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,31 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     gen.add_argument("--device", default="cpu")
     _quantization_arg(gen)
+    _parallel_args(gen)
     _serve_args(sub.add_parser("serve", help="serve the model over gRPC"))
+    from engine.plan import add_plan_arguments
+    add_plan_arguments(sub.add_parser("plan", help="will a layout fit? weights, KV cache and collectives per rank"))
     return p
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (one process per rank; torch.distributed: NCCL on GPUs, gloo on CPUs)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split attention heads, dense MLPs and the vocabulary over N ranks")
+    g.add_argument("--data-parallel-size", type=int, default=1, metavar="M",
+                   help="M data-parallel attention groups, each with its own batch and KV cache")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="whole routed experts per rank, over all N x M ranks (default: every expert split)")
+    g.add_argument("--moe-dispatch", default="auto", metavar="{auto,allgather,alltoall}",
+                   help="how tokens reach other ranks' experts (auto: alltoall with expert parallelism)")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes the ranks are spread over (one command per node)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's index; node 0 serves gRPC")
+    g.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, where the ranks meet")
+    g.add_argument("--master-port", type=int, default=29500)
+    g.add_argument("--collective-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a collective that takes longer (a rank died or hung) stops the engine")
+    g.add_argument("--rendezvous-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long the ranks wait for each other at start")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +82,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM/SIGINT, how long requests in flight may run on before they are aborted")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one JSON object per line, with the request id")
+    _parallel_args(p)
 
 
 def _quantization_arg(p: argparse.ArgumentParser) -> None:
@@ -71,14 +96,13 @@ def _demo_model(args: argparse.Namespace) -> None:
     print(f"demo model written to {build_demo_model(args.out)}")
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from engine.loader import load_model
-    from engine.offline import generate
+def _generate(args: argparse.Namespace) -> int | None:
+    from engine.offline import GenerateJob, generate_on_rank, print_generation
     from engine.tokenizer import Tokenizer
 
     if args.max_tokens < 1:
         raise CheckpointError("--max-tokens must be at least 1")
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    parallel = _parallel_config(args)
     try:
         tok = Tokenizer.from_dir(args.model)
     except (FileNotFoundError, ValueError) as exc:
@@ -87,16 +111,74 @@ def _generate(args: argparse.Namespace) -> None:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = [tok.bos_id] + tok.encode(args.prompt)
-    result = generate(model, prompt, args.max_tokens, args.temperature, args.seed, frozenset({tok.eos_id}))
-    print(tok.decode(result.token_ids, skip_special_tokens=True))
-    print(f"[{len(prompt)} prompt tokens, {len(result.token_ids)} generated; prefill "
-          f"{len(prompt) / result.prefill_seconds:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s]",
-          file=sys.stderr)
+    job = GenerateJob(str(args.model), prompt, args.max_tokens, args.temperature, args.seed, tok.eos_id, args.dtype,
+                      args.device, args.quantization, args.moe_dispatch)
+    if parallel.parallel:  # every rank runs the generation in step; rank 0 prints it
+        from engine.distributed.launch import run_node
+        return run_node(parallel, generate_on_rank, (job, parallel))
+    print_generation(tok, prompt, job.run())
+
+
+def _parallel_config(args: argparse.Namespace):
+    """The layout from the flags, or from torchrun's environment when torchrun started us."""
+    from engine.distributed import ParallelConfig
+
+    env = os.environ
+    torchrun = all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+    try:
+        layout = dict(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                      enable_expert_parallel=args.enable_expert_parallel,
+                      collective_timeout=args.collective_timeout, rendezvous_timeout=args.rendezvous_timeout)
+        if not torchrun:
+            return ParallelConfig(**layout, nnodes=args.nnodes, node_rank=args.node_rank,
+                                  master_addr=args.master_addr, master_port=args.master_port)
+        world, local = int(env["WORLD_SIZE"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+        cfg = ParallelConfig(**layout, nnodes=max(1, world // local), node_rank=int(env["RANK"]) // local,
+                             master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]), torchrun=True)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if cfg.world_size != world:
+        raise CheckpointError(f"--tensor-parallel-size x --data-parallel-size ({cfg.world_size}) must equal "
+                              f"torchrun's world size ({world})")
+    return cfg
+
+
+def _check_devices(parallel, device: str) -> None:
+    """More ranks on a node than it has GPUs is bad input (on the CPU ranks share the cores)."""
+    if device != "cuda":
+        return
+    import torch
+    have = torch.cuda.device_count()
+    if parallel.ranks_per_node > have:
+        raise CheckpointError(f"--tensor-parallel-size x --data-parallel-size / --nnodes asks for "
+                              f"{parallel.ranks_per_node} GPUs on this node, which has {have}")
+
+
+def _check_plan(args: argparse.Namespace, parallel, device: str) -> None:
+    """Refuses, before anything is loaded, a layout whose weights and KV cache cannot fit a
+    device (engine.plan, the numbers `python -m engine plan` prints)."""
+    import torch
+
+    from engine.distributed.launch import device_memory_gib
+    from engine.loader import resolve_dtype
+    from engine.model import ModelConfig
+    from engine.plan import Layout, plan_layout
+
+    cfg = ModelConfig.from_dir(args.model)
+    dtype = resolve_dtype(args.dtype, cfg, torch.device(device))
+    # the context the engine serves: --max-model-len, else the model's capped by the cache
+    kv_tokens = int(args.kv_cache_memory * 2**30) // (cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize)
+    context = args.max_model_len or max(1, min(cfg.max_position_embeddings, kv_tokens))
+    layout = Layout(parallel.tensor_parallel_size, parallel.data_parallel_size, parallel.enable_expert_parallel)
+    plan = plan_layout(cfg, layout, device_memory_gib(device, parallel.ranks_per_node),
+                       dtype=str(dtype).removeprefix("torch."), quantization=args.quantization,
+                       max_model_len=context, kv_cache_gib=args.kv_cache_memory)
+    if not plan.fits:
+        raise CheckpointError(f"this layout does not fit: {plan.reason}")
 
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
     from engine.async_engine import EngineStartError
     from engine.engine_process import ServeConfig
@@ -108,18 +190,39 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging("INFO", args.log_format)
     ModelConfig.from_dir(args.model)  # a bad checkpoint fails here, before the engine process starts
+    parallel = _parallel_config(args)
+    device = _device(args.device)
+    _check_devices(parallel, device)
+    _check_plan(args, parallel, device)
     try:
-        cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, _device(args.device),
+        cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, device,
                           args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
                           args.quantization, args.metrics_port, drain_timeout=args.drain_timeout,
-                          log_format=args.log_format, enforce_eager=args.enforce_eager)
+                          log_format=args.log_format, enforce_eager=args.enforce_eager, parallel=parallel,
+                          moe_dispatch=args.moe_dispatch)
+        if not parallel.is_head_node or (parallel.torchrun and int(os.environ["RANK"]) != 0):
+            return _serve_other_ranks(cfg)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)
         setup_tracing("moeserve-engine", os.environ)  # off unless OTEL_* configures it
         return asyncio.run(serve(cfg, tokenizer))
     except (ValueError, FileNotFoundError, EngineStartError) as exc:
         raise CheckpointError(str(exc)) from None
+
+
+def _serve_other_ranks(cfg) -> int:
+    """A node other than the head (or, under torchrun, a rank other than 0): runs this
+    node's ranks, which follow rank 0, until they stop; non-zero when one fails."""
+    from engine.distributed.launch import run_node
+    from engine.engine_process import node_rank_main
+
+    if cfg.parallel.torchrun:
+        node_rank_main(int(os.environ["RANK"]), cfg)
+        return 0
+    print(f"engine node {cfg.parallel.node_rank} running ranks {cfg.parallel.node_ranks().start}.."
+          f"{cfg.parallel.node_ranks().stop - 1} of {cfg.parallel.world_size}", flush=True)
+    return run_node(cfg.parallel, node_rank_main, (cfg,))
 
 
 def _device(name: str) -> str:
@@ -129,10 +232,15 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from engine.plan import run_plan
+    return run_plan(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        code = {"demo-model": _demo_model, "generate": _generate, "serve": _serve}[args.command](args)
+        code = {"demo-model": _demo_model, "generate": _generate, "serve": _serve, "plan": _plan}[args.command](args)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

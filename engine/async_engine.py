@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from moeserve.aio import wait_for_event
 
 from engine.core import EngineStats, check_request
-from engine.engine_process import EngineInfo, ServeConfig, engine_main
+from engine.engine_process import EngineInfo, ServeConfig, engine_main, rank_main
 from engine.errors import EngineDead, QueueFull
 from engine.request import EngineRequest, RequestOutput
 
@@ -48,6 +48,10 @@ class AsyncEngine:
         self._outbox, child_end = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=engine_main, args=(cfg, self._inbox, child_end), name="moeserve-engine",
                                     daemon=True)
+        # the other ranks of a parallel engine that run on this node (under torchrun, its own)
+        ranks = [] if cfg.parallel.torchrun else [r for r in cfg.parallel.node_ranks() if r != 0]
+        self._ranks = {r: ctx.Process(target=rank_main, args=(cfg, r), name=f"moeserve-rank-{r}", daemon=True)
+                       for r in ranks}
         self._child_end = child_end
         self._streams: dict[str, asyncio.Queue] = {}
         self.info: EngineInfo | None = None
@@ -58,16 +62,47 @@ class AsyncEngine:
         self._idle.set()
 
     async def start(self) -> EngineInfo:
-        """Spawns the engine and waits until its model is loaded."""
+        """Spawns the engine (every rank of it on this node) and waits until its model is loaded."""
         self._process.start()
+        for proc in self._ranks.values():
+            proc.start()
         self._child_end.close()
-        kind, payload = await asyncio.to_thread(self._first_message)
+        first = asyncio.ensure_future(asyncio.to_thread(self._first_message))
+        while not first.done():
+            await asyncio.wait([first], timeout=0.5)
+            lost = self._lost_rank()
+            if lost is not None and not first.done():
+                self._kill_all()
+                await first
+                raise EngineStartError(f"{lost} while loading")
+        kind, payload = first.result()
         if kind != "ready":
             await asyncio.to_thread(self._process.join, 10)
+            self._kill_all()
             raise EngineStartError(payload)
         self.info = payload
-        asyncio.get_running_loop().add_reader(self._outbox.fileno(), self._on_outputs)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._outbox.fileno(), self._on_outputs)
+        for rank, proc in self._ranks.items():
+            loop.add_reader(proc.sentinel, self._rank_exited, rank)
         return payload
+
+    def _lost_rank(self) -> str | None:
+        """Which rank of this node has exited, if any, in words."""
+        for rank, proc in self._ranks.items():
+            if proc.exitcode is not None:
+                return f"rank {rank} exited (code {proc.exitcode})"
+        return None
+
+    def _rank_exited(self, rank: int) -> None:
+        asyncio.get_running_loop().remove_reader(self._ranks[rank].sentinel)
+        if self.dead is None:
+            self._engine_died(RuntimeError(self._lost_rank() or f"rank {rank} exited"))
+
+    def _kill_all(self) -> None:
+        for proc in (self._process, *self._ranks.values()):
+            if proc.is_alive():
+                proc.kill()
 
     def _first_message(self):
         try:
@@ -81,11 +116,17 @@ class AsyncEngine:
             asyncio.get_running_loop().remove_reader(self._outbox.fileno())
         except (ValueError, OSError):
             pass
+        for proc in self._ranks.values():
+            try:
+                asyncio.get_running_loop().remove_reader(proc.sentinel)
+            except (ValueError, OSError):
+                pass
         if self._process.is_alive():
-            self._inbox.put(None)
+            self._inbox.put(None)  # rank 0 tells the other ranks to stop too
             await asyncio.to_thread(self._process.join, 30)
-        if self._process.is_alive():
-            self._process.kill()
+        for proc in self._ranks.values():
+            await asyncio.to_thread(proc.join, 10)
+        self._kill_all()
 
     def stats(self) -> EngineStats:
         return self.latest
@@ -154,10 +195,15 @@ class AsyncEngine:
             self._engine_died(exc)
 
     def _engine_died(self, exc: Exception) -> None:
-        log.error("the engine process is gone (exit code %s)", self._process.exitcode)
+        what = self._lost_rank() or f"the engine process exited (code {self._process.exitcode})"
+        log.error("the engine is gone: %s", what)
         self.dead = exc
-        asyncio.get_running_loop().remove_reader(self._outbox.fileno())
-        error = EngineDead(f"the engine process exited (code {self._process.exitcode})")
+        try:
+            asyncio.get_running_loop().remove_reader(self._outbox.fileno())
+        except (ValueError, OSError):
+            pass
+        self._kill_all()  # a parallel engine without one of its ranks cannot step
+        error = EngineDead(what)
         for rid, stream in self._streams.items():
             stream.put_nowait(RequestOutput(rid, [], finished=True, error=error))
         self._on_death()

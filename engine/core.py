@@ -16,9 +16,9 @@ from engine.errors import InvalidRequest
 from engine.kv_manager import KVCacheManager
 from engine.model import DeepseekV3ForCausalLM
 from engine.request import ChoiceDelta, EngineRequest, RequestOutput, RequestTimings, Usage
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler, SamplingRow, make_generator
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SeqStatus
 from engine.text.logprobs import LogprobFormatter
 from engine.text.pipeline import TextPipeline
@@ -105,8 +105,9 @@ class EngineCore:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        # CUDA graphs record one process's work; over several ranks steps run eagerly for now
         graphs = cuda_graph_config(model, config.scheduler.max_num_seqs, config.max_model_len,
-                                   config.block_size) if config.cuda_graphs else None
+                                   config.block_size) if config.cuda_graphs and model.parallel.world_size == 1 else None
         self.runner = ModelRunner(model, self.kv, config.num_blocks, graphs)
         self.sampler = Sampler()
         self.logprobs = LogprobFormatter(tokenizer)
@@ -154,11 +155,23 @@ class EngineCore:
     # -- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        planned = self.plan_step()
+        if planned is None:
+            return []
+        out, step = planned
+        return self.complete_step(out, self.runner.execute(step), step.sampled)
+
+    def plan_step(self) -> tuple[SchedulerOutput, StepInputs] | None:
+        """Schedules the next step and prepares its inputs; None when nothing can run."""
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return []
+            return None
         self._time_scheduled(out.scheduled)
-        logits, seqs = self.runner.run(out.scheduled)
+        return out, self.runner.prepare(out.scheduled)
+
+    def complete_step(self, out: SchedulerOutput, logits, seqs: list[Sequence]) -> list[RequestOutput]:
+        """After the forward of a planned step: samples `seqs` from logits [N, V] and turns
+        the tokens into output deltas."""
         self.scheduler.on_step_done(out)
         if not seqs:
             return []

@@ -19,15 +19,21 @@ import logging
 import os
 import queue
 import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+import torch
 from moeserve.obs.logs import FORMATS, configure_logging
 
 from engine.core import EngineConfig, EngineCore, EngineStats
+from engine.distributed import ParallelConfig, ParallelState, destroy
+from engine.distributed.launch import init_rank, rank_device
 from engine.errors import EngineDead
 from engine.model.fp4_experts import ExpertQuantization
+from engine.parallel_loop import RankLoop, apply_message
 from engine.request import RequestOutput
+from engine.runner import ModelRunner
 from engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ class ServeConfig:
     drain_timeout: float = 30.0  # seconds that requests in flight may run on after SIGTERM/SIGINT
     log_format: str = "text"  # "text" or "json" (moeserve.obs.logs), in both processes
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they are recorded by default on CUDA)
+    parallel: ParallelConfig = ParallelConfig()  # the ranks this engine spans (one process each)
+    moe_dispatch: str = "auto"  # how MoE layers reach other ranks' experts: auto, allgather, alltoall
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -68,6 +76,10 @@ class ServeConfig:
         ExpertQuantization.parse(self.quantization)  # validates
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {self.drain_timeout}")
+        if self.moe_dispatch not in ("auto", "allgather", "alltoall"):
+            raise ValueError(f"--moe-dispatch must be auto, allgather or alltoall, got {self.moe_dispatch!r}")
+        if self.moe_dispatch == "alltoall" and not self.parallel.enable_expert_parallel:
+            raise ValueError("--moe-dispatch alltoall needs --enable-expert-parallel")
         if self.log_format not in FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
 
@@ -76,10 +88,16 @@ class ServeConfig:
 class EngineInfo:
     """What the server needs to know of the loaded engine."""
 
-    config: EngineConfig
+    config: EngineConfig  # of one data-parallel group (each has its own KV cache of this size)
     vocab_size: int
     dtype: str
     device: str
+    data_parallel_size: int = 1
+
+    @property
+    def total_blocks(self) -> int:
+        """KV blocks of every data-parallel group together."""
+        return self.config.num_blocks * self.data_parallel_size
 
 
 def engine_config(cfg: ServeConfig, model) -> EngineConfig:
@@ -97,77 +115,142 @@ def engine_config(cfg: ServeConfig, model) -> EngineConfig:
                         cuda_graphs=not cfg.enforce_eager)
 
 
-def engine_main(cfg: ServeConfig, inbox, outbox: Connection) -> None:
-    """Entry point of the engine process."""
+def engine_main(cfg: ServeConfig, inbox, outbox: Connection, rank: int = 0) -> None:
+    """Entry point of the engine process (global rank 0 of a parallel engine)."""
     # The server process decides when to stop: a signal to the whole process group (Ctrl-C,
     # systemd's default KillMode) must start its drain, not kill the engine under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging("INFO", cfg.log_format)
+    mailbox = Mailbox(inbox, outbox)
     try:
-        core = _build(cfg)
+        state = _join(cfg, rank)
+        core = _build(cfg, state)
+        runner = core.runner
+        state.wait_loaded()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
         outbox.send(("failed", str(exc)))
         return
     outbox.send(("ready", EngineInfo(core.config, core.model.cfg.vocab_size,
-                                     str(core.model.dtype).removeprefix("torch."), str(core.model.device))))
+                                     str(core.model.dtype).removeprefix("torch."), str(core.model.device),
+                                     cfg.parallel.data_parallel_size)))
     try:
-        _EngineLoop(core, inbox, outbox).run()
+        if state.world_size == 1:
+            _EngineLoop(core, mailbox).run()
+        else:
+            _run_parallel(RankLoop(state, runner, core, mailbox))
     except (BrokenPipeError, EOFError):
         pass  # the server is gone
 
 
-def _build(cfg: ServeConfig) -> EngineCore:
+def rank_main(cfg: ServeConfig, rank: int) -> None:
+    """Entry point of every other rank of a parallel engine: it loads its part of the model,
+    then follows rank 0's steps until told to stop. Exits non-zero when a peer is lost."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process ends the ranks
+    configure_logging("INFO", cfg.log_format)
+    state = _join(cfg, rank)
+    if state.is_dp_head:  # schedules and samples for its DP group
+        core = _build(cfg, state)
+        runner = core.runner
+    else:
+        model = _load(cfg, state)
+        runner = ModelRunner(model, None, engine_config(cfg, model).num_blocks, block_size=cfg.block_size)
+        core = None
+    state.wait_loaded()
+    _run_parallel(RankLoop(state, runner, core))
+
+
+def node_rank_main(rank: int, cfg: ServeConfig) -> None:
+    """rank_main as `run_node` (engine.distributed.launch) calls it: rank first."""
+    rank_main(cfg, rank)
+
+
+def _run_parallel(loop: RankLoop) -> None:
+    try:
+        loop.run()
+    except (RuntimeError, OSError) as exc:  # a collective failed: a peer died or hung
+        log.error("rank %d lost its peers, exiting: %s", loop.state.rank, str(exc).splitlines()[0] if str(exc) else exc)
+        raise SystemExit(EXIT_RANK_LOST) from None
+    finally:
+        destroy()
+
+
+EXIT_RANK_LOST = 3
+
+
+def _join(cfg: ServeConfig, rank: int) -> ParallelState:
+    if not cfg.parallel.parallel:
+        return ParallelState.single()
+    device = rank_device(cfg.parallel, rank, torch.device(cfg.device).type)
+    return init_rank(cfg.parallel, rank, device)
+
+
+def _load(cfg: ServeConfig, state: ParallelState):
     from engine.loader import load_model
+
+    device = cfg.device if state.world_size == 1 else str(rank_device(cfg.parallel, state.rank,
+                                                                      torch.device(cfg.device).type))
+    return load_model(cfg.model, dtype=cfg.dtype, device=device, quantization=cfg.quantization,
+                      parallel=state, moe_dispatch=cfg.moe_dispatch, progress=state.rank == 0)
+
+
+def _build(cfg: ServeConfig, state: ParallelState) -> EngineCore:
     from engine.tokenizer import Tokenizer
 
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, quantization=cfg.quantization)
+    model = _load(cfg, state)
     tokenizer = Tokenizer.from_dir(cfg.model, cfg.chat_template)
     return EngineCore(model, tokenizer, engine_config(cfg, model))
 
 
-class _EngineLoop:
-    def __init__(self, core: EngineCore, inbox, outbox: Connection) -> None:
-        self.core, self.inbox, self.outbox = core, inbox, outbox
+class Mailbox:
+    """The engine's side of its link to the server: requests in, outputs out."""
+
+    def __init__(self, inbox, outbox: Connection) -> None:
+        self.inbox, self.outbox = inbox, outbox
         self.parent = os.getppid()
+
+    def receive(self, wait: float | None) -> list | None:
+        """Everything waiting in the inbox, after waiting up to `wait` seconds for a first
+        message (0: not at all; None: until one comes). None when told to stop or orphaned."""
+        deadline = None if wait is None else time.monotonic() + wait
+        messages: list = []
+        while not messages:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                messages.append(self.inbox.get(timeout=min(1.0, left)))
+            except queue.Empty:
+                if os.getppid() != self.parent:
+                    return None
+        while True:
+            if messages and messages[-1] is None:
+                return None
+            try:
+                messages.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def send(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self.outbox.send(("step", outputs, stats))
+
+
+class _EngineLoop:
+    """The one-process loop: wait for work, step while there is some."""
+
+    def __init__(self, core: EngineCore, mailbox: Mailbox) -> None:
+        self.core, self.mailbox = core, mailbox
 
     def run(self) -> None:
         while True:
-            messages = self._receive(block=not self.core.has_work)
+            messages = self.mailbox.receive(None if not self.core.has_work else 0.0)
             if messages is None:
                 return
-            outputs = [out for msg in messages for out in self._handle(msg)]
+            outputs = [out for msg in messages for out in apply_message(self.core, msg)]
             if self.core.has_work:
                 outputs += self._step()
             if messages or outputs:
-                self.outbox.send(("step", outputs, self.core.stats()))
-
-    def _receive(self, block: bool) -> list | None:
-        """Everything waiting in the inbox; None when told to stop or orphaned."""
-        messages = []
-        while True:
-            try:
-                msg = self.inbox.get(timeout=1.0) if block and not messages else self.inbox.get_nowait()
-            except queue.Empty:
-                if block and not messages and os.getppid() != self.parent:
-                    return None
-                if messages or not block:
-                    return messages
-                continue
-            if msg is None:
-                return None
-            messages.append(msg)
-
-    def _handle(self, msg) -> list[RequestOutput]:
-        kind, arg = msg
-        if kind == "abort":
-            out = self.core.abort(arg)
-            return [out] if out else []
-        try:
-            self.core.add(arg)
-        except Exception as exc:  # validated by the server already; never let one request stop the loop
-            return [RequestOutput(arg.request_id, [], finished=True, error=exc)]
-        return []
+                self.mailbox.send(outputs, self.core.stats())
 
     def _step(self) -> list[RequestOutput]:
         try:
@@ -177,4 +260,4 @@ class _EngineLoop:
             return self.core.fail_all(EngineDead(f"engine step failed: {exc}"))
 
 
-__all__ = ["EngineInfo", "EngineStats", "ServeConfig", "engine_config", "engine_main"]
+__all__ = ["EngineInfo", "EngineStats", "ServeConfig", "engine_config", "engine_main", "rank_main"]

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.model import DeepseekV3ForCausalLM
+
+if TYPE_CHECKING:
+    from engine.distributed import ParallelConfig, ParallelState
 
 BLOCK_SIZE = 64
 
@@ -72,3 +76,54 @@ def generate(model: DeepseekV3ForCausalLM, prompt: list[int], max_tokens: int, t
         ids = torch.tensor(out[-1:], device=model.device)
     t1 = time.perf_counter()
     return Generation(out, (t_prefill or t1) - t0, t1 - (t_prefill or t1))
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """`python -m engine generate`'s work, as each rank of a parallel layout runs it."""
+
+    model: str
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    seed: int
+    eos_id: int
+    dtype: str = "auto"
+    device: str = "cpu"
+    quantization: str | None = None
+    moe_dispatch: str = "auto"
+
+    def run(self, state: "ParallelState | None" = None, device: str | None = None) -> Generation:
+        from engine.loader import load_model
+
+        model = load_model(self.model, dtype=self.dtype, device=device or self.device, quantization=self.quantization,
+                           parallel=state, moe_dispatch=self.moe_dispatch, progress=state is None or state.rank == 0)
+        return generate(model, self.prompt, self.max_tokens, self.temperature, self.seed, frozenset({self.eos_id}))
+
+
+def generate_on_rank(rank: int, job: GenerateJob, parallel: "ParallelConfig") -> None:
+    """One rank of a parallel `generate`: every rank (each data-parallel group on the same
+    prompt) runs the same steps, the logits gathered to all, so they sample alike; rank 0
+    prints the text."""
+    from engine.distributed import destroy
+    from engine.distributed.launch import init_rank, rank_device
+    from engine.tokenizer import Tokenizer
+
+    device = rank_device(parallel, rank, torch.device(job.device).type)
+    state = init_rank(parallel, rank, device)
+    try:
+        result = job.run(state, str(device))
+    finally:
+        destroy()
+    if rank == 0:
+        print_generation(Tokenizer.from_dir(job.model), job.prompt, result)
+
+
+def print_generation(tokenizer, prompt: list[int], result: Generation) -> None:
+    """The text on stdout, the speed on stderr."""
+    import sys
+
+    print(tokenizer.decode(result.token_ids, skip_special_tokens=True), flush=True)
+    print(f"[{len(prompt)} prompt tokens, {len(result.token_ids)} generated; prefill "
+          f"{len(prompt) / result.prefill_seconds:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s]",
+          file=sys.stderr, flush=True)

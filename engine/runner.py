@@ -37,26 +37,33 @@ class StepInputs(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3ForCausalLM, kv: KVCacheManager, num_blocks: int,
-                 graphs: DecodeGraphConfig | None = None) -> None:
-        """graphs: record decode steps (block `num_blocks` of the cache is then their scratch)."""
+    def __init__(self, model: DeepseekV3ForCausalLM, kv: KVCacheManager | None, num_blocks: int,
+                 graphs: DecodeGraphConfig | None = None, block_size: int | None = None) -> None:
+        """graphs: record decode steps (block `num_blocks` of the cache is then their scratch).
+        kv None: a TP peer's runner, which only executes steps its DP head prepared (with
+        `block_size`), on its own copy of the cache."""
         self.model, self.kv = model, kv
-        self.block_size = kv.block_size
-        self.kv_cache = model.allocate_kv_cache(num_blocks + (graphs is not None), kv.block_size)
+        self.block_size = kv.block_size if kv is not None else block_size
+        self.kv_cache = model.allocate_kv_cache(num_blocks + (graphs is not None), self.block_size)
         self.graphs = None if graphs is None else CudaGraphRunner(model, self.kv_cache, graphs, num_blocks)
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Runs one forward step; returns (logits [N, V] fp32, the N sequences to sample)."""
-        step = self._inputs(scheduled)
+        step = self.prepare(scheduled)
+        return self.execute(step), step.sampled
+
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """The forward of a prepared step (here, or on a TP peer that received it, whose
+        `sampled` is empty): logits [N, V] fp32 of its `last_rows`."""
         dev = self.model.device
         if self.graphs is not None and self.graphs.fits(step.query_lens, step.block_tables):
             hidden = self.graphs.run(DecodeBatch(step.token_ids, step.positions, step.slots, step.seq_lens,
                                                  step.block_tables))
         else:
             hidden = self._forward(step)
-        if not step.sampled:
-            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), []
-        return self.model.compute_logits(hidden[torch.tensor(step.last_rows, device=dev)]), step.sampled
+        if not step.last_rows:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(step.last_rows, device=dev)])
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
         """The eager forward: hidden states [T, D]."""
@@ -67,7 +74,8 @@ class ModelRunner:
         return self.model(torch.tensor(step.token_ids, device=dev), torch.tensor(step.positions, device=dev),
                           self.kv_cache, meta)
 
-    def _inputs(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+        """The host side of a step: token ids, positions, cache slots and block tables."""
         step = StepInputs([], [], [], [], [], [], [], [])
         for seq, n in sorted(scheduled, key=lambda item: item[1] != 1):  # stable: decodes first
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n

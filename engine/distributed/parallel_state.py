@@ -41,6 +41,7 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     collective_timeout: float = 30.0  # seconds: a collective that takes longer fails the engine
+    rendezvous_timeout: float = 300.0  # seconds the ranks wait for each other at start
     torchrun: bool = False  # ranks were started by torchrun (env:// rendezvous), one per process
 
     def __post_init__(self) -> None:
@@ -56,8 +57,10 @@ class ParallelConfig:
                              f"(--tensor-parallel-size x --data-parallel-size) evenly")
         if not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in 1..65535, got {self.master_port}")
-        if not 0 < self.collective_timeout < float("inf"):
-            raise ValueError(f"--collective-timeout must be a positive number of seconds, got {self.collective_timeout}")
+        for flag, value in (("--collective-timeout", self.collective_timeout),
+                            ("--rendezvous-timeout", self.rendezvous_timeout)):
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
 
     @property
     def world_size(self) -> int:
@@ -190,11 +193,18 @@ class ParallelState:
     tp: Group
     dp: Group
     world: Group
+    start_pg: object = None  # gloo over the world, waiting up to the load timeout (see wait_loaded)
 
     @classmethod
     def single(cls) -> "ParallelState":
         one = Group([0], 0)
         return cls(0, 1, 1, False, one, one, one)
+
+    def wait_loaded(self) -> None:
+        """Returns once every rank has loaded its weights (ranks load at their own pace, for
+        longer than a step's collective timeout)."""
+        if self.start_pg is not None:
+            dist.barrier(group=self.start_pg)
 
     @classmethod
     def init(cls, cfg: ParallelConfig, rank: int, device: torch.device, init_method: str | None = None,
@@ -224,9 +234,10 @@ class ParallelState:
         tp_groups = [[d * tp + t for t in range(tp)] for d in range(dp)]
         dp_groups = [[d * tp + t for d in range(dp)] for t in range(tp)]
         world = list(range(cfg.world_size))
+        start = dist.new_group(world, timeout=datetime.timedelta(seconds=load_timeout), backend="gloo")
         return cls(rank, tp, dp, cfg.enable_expert_parallel,
                    group(tp_groups, tp_groups[dp_rank]), group(dp_groups, dp_groups[tp_rank]),
-                   group([world], world))
+                   group([world], world), start)
 
     @property
     def tp_rank(self) -> int:

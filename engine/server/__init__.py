@@ -70,7 +70,7 @@ async def serve(cfg: ServeConfig, tokenizer: Tokenizer) -> int:
     engine = AsyncEngine(cfg, on_death=stop.set)
     await engine.start()
     name = cfg.served_model_name or cfg.model.rstrip("/").split("/")[-1]
-    metrics = EngineMetrics(name, engine.info.config.num_blocks)
+    metrics = EngineMetrics(name, engine.info.total_blocks)
     server, port, health_servicer = build_server(engine, tokenizer, name, f"{cfg.host}:{cfg.port}", metrics)
     metrics_runner = None
     try:

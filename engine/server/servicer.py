@@ -118,8 +118,8 @@ class EngineServicer(pb_grpc.EngineServicer):
             served_model_name=self.name, max_model_len=cfg.max_model_len, vocab_size=info.vocab_size,
             capabilities=pb.Capabilities(chat=True, tools=True, reasoning=True, logprobs=True,
                                          max_top_logprobs=MAX_LOGPROBS),
-            kv_cache=pb.KvCacheInfo(block_size=cfg.block_size, total_blocks=cfg.num_blocks, used_blocks=stats.used_blocks,
-                                    capacity_tokens=cfg.capacity_tokens),
+            kv_cache=pb.KvCacheInfo(block_size=cfg.block_size, total_blocks=info.total_blocks,
+                                    used_blocks=stats.used_blocks, capacity_tokens=info.total_blocks * cfg.block_size),
             dtype=info.dtype, device=info.device,
             max_num_seqs=cfg.scheduler.max_num_seqs, waiting_requests=stats.waiting, running_requests=stats.running)
 
