@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.model import CheckpointError
+from engine.model import CheckpointError, ModelConfig
+from engine.model.fp4_experts import ExpertQuantization
 
 EXIT_BAD_INPUT = 2
 
@@ -102,6 +103,8 @@ def _generate(args: argparse.Namespace) -> int | None:
 
     if args.max_tokens < 1:
         raise CheckpointError("--max-tokens must be at least 1")
+    ExpertQuantization.parse(args.quantization)
+    ModelConfig.from_dir(args.model)  # a bad checkpoint is named before anything else
     parallel = _parallel_config(args)
     try:
         tok = Tokenizer.from_dir(args.model)
@@ -161,7 +164,6 @@ def _check_plan(args: argparse.Namespace, parallel, device: str) -> None:
 
     from engine.distributed.launch import device_memory_gib
     from engine.loader import resolve_dtype
-    from engine.model import ModelConfig
     from engine.plan import Layout, plan_layout
 
     cfg = ModelConfig.from_dir(args.model)
@@ -182,7 +184,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     from engine.async_engine import EngineStartError
     from engine.engine_process import ServeConfig
-    from engine.model import ModelConfig
     from engine.server import serve
     from engine.tokenizer import Tokenizer
     from moeserve.obs.logs import configure_logging

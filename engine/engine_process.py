@@ -146,9 +146,14 @@ def engine_main(cfg: ServeConfig, inbox, outbox: Connection, rank: int = 0) -> N
 def rank_main(cfg: ServeConfig, rank: int) -> None:
     """Entry point of every other rank of a parallel engine: it loads its part of the model,
     then follows rank 0's steps until told to stop. Exits non-zero when a peer is lost."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launching process ends the ranks
+    # Signals go to whoever launched the ranks (the server, a node's launcher, torchrun); this
+    # rank ends when rank 0 says stop, or when a collective with a lost peer fails.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging("INFO", cfg.log_format)
     state = _join(cfg, rank)
+    log.info("rank %d of %d (pid %d) joined: TP rank %d, DP rank %d", rank, state.world_size, os.getpid(),
+             state.tp_rank, state.dp_rank)
     if state.is_dp_head:  # schedules and samples for its DP group
         core = _build(cfg, state)
         runner = core.runner

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def _entry(rank: int, cfg: ParallelConfig, target, args, results) -> None:
     try:
-        state = init_rank(cfg, rank, torch.device("cpu"), rendezvous_timeout=60)
+        state = init_rank(cfg, rank, torch.device("cpu"))
         results.put((rank, "ok", target(state, *args)))
     except BaseException:  # noqa: BLE001 - reported to the test
         results.put((rank, "error", traceback.format_exc()))
@@ -37,7 +37,7 @@ def _entry(rank: int, cfg: ParallelConfig, target, args, results) -> None:
 
 def run_ranks(target, tp: int = 1, dp: int = 1, ep: bool = False, args: tuple = (), timeout: float = 240) -> list:
     """target(state, *args) on each rank of a tp x dp layout; returns the results in rank order."""
-    cfg = ParallelConfig(tp, dp, ep, master_port=free_port(), collective_timeout=60)
+    cfg = ParallelConfig(tp, dp, ep, master_port=free_port(), collective_timeout=60, rendezvous_timeout=60)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, cfg, target, args, results), daemon=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.distributed import Group, ParallelState
 from engine.loader import load_model
 from helpers import LORA_YARN, PLAIN_ONE_GROUP, make_checkpoint
 from parallel_ranks import mixed_scenario, run_ranks, run_scenario
@@ -100,3 +101,55 @@ def test_fp4_experts_under_expert_parallelism_match_single_process_fp4(checkpoin
     reference = {d: single_process_logits(path, 70 + d, quantization=quantization) for d in range(2)}
     results = run_ranks(rank_logits, 1, 2, True, (path, "alltoall", [70, 71], [None, None], quantization))
     assert_matches(results, reference)
+
+
+# --- loading: each rank reads its share --------------------------------------------------
+
+def layout_of_rank(rank: int, tp: int, dp: int, ep: bool) -> ParallelState:
+    """Rank `rank`'s place in a tp x dp layout, without process groups: loading needs the
+    layout only (no collective runs), so no processes are started for these checks."""
+    world = list(range(tp * dp))
+    d, t = divmod(rank, tp)
+    return ParallelState(rank, tp, dp, ep, Group([d * tp + i for i in range(tp)], rank),
+                         Group([j * tp + t for j in range(dp)], rank), Group(world, rank))
+
+
+@pytest.mark.parametrize("tp, dp, ep", [(2, 1, False), (2, 1, True), (1, 2, True), (2, 2, True)])
+def test_each_rank_reads_only_its_share_of_the_expert_bytes(checkpoints, tp, dp, ep):
+    path = checkpoints["lora_yarn"]
+    whole = load_model(path, dtype="float32", progress=False).load_bytes
+    per_rank = [load_model(path, dtype="float32", progress=False, parallel=layout_of_rank(r, tp, dp, ep)).load_bytes
+                for r in range(tp * dp)]
+    for got in per_rank:
+        assert got["routed experts"] == whole["routed experts"] // (tp * dp)
+        if tp > 1:  # attention, MLPs and vocabulary split too; the latent down-projections are whole on every rank
+            assert got["other"] < 0.75 * whole["other"]
+    assert sum(got["routed experts"] for got in per_rank) == whole["routed experts"]
+
+
+def fp8_checkpoint(path, cfg: dict, block: int = 16):
+    """DeepSeek's FP8 format with 16 x 16 blocks, so that a TP rank's slice starts inside a
+    block row and column of the scales."""
+    from engine.checkpoint import fp8_block_quantize, is_fp8_quantizable, random_weights, write_checkpoint
+    tensors = {}
+    for name, t in random_weights(cfg, seed=8).items():
+        if is_fp8_quantizable(name, t):
+            tensors[name], tensors[name + "_scale_inv"] = fp8_block_quantize(t, (block, block))
+        else:
+            tensors[name] = t
+    cfg = dict(cfg, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]})
+    return write_checkpoint(path, cfg, tensors)
+
+
+def test_fp8_checkpoint_sliced_at_load_matches_single_process(tmp_path):
+    path = fp8_checkpoint(tmp_path / "fp8", dict(LORA_YARN, moe_intermediate_size=48, intermediate_size=80))
+    reference = {0: single_process_logits(path, 90)}
+    assert_matches(run_ranks(rank_logits, 2, 1, False, (path, "auto", [90], [None])), reference)
+
+
+def test_nvfp4_checkpoint_experts_sliced_packed_at_load_match_single_process(tmp_path):
+    from engine.checkpoint import random_weights, to_modelopt_nvfp4_checkpoint, write_checkpoint
+    cfg, tensors = to_modelopt_nvfp4_checkpoint(LORA_YARN, random_weights(LORA_YARN, seed=9), other_linears=True)
+    path = write_checkpoint(tmp_path / "nvfp4", cfg, tensors)
+    reference = {0: single_process_logits(path, 91)}
+    assert_matches(run_ranks(rank_logits, 2, 1, False, (path, "auto", [91], [None])), reference)
