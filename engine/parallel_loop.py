@@ -124,18 +124,27 @@ class RankLoop:
             self.busy = False
 
     def run(self) -> None:
+        steps = 0
         while True:
             order = self.state.world.broadcast_object(self._order() if self.head else None)
             if order.stop:
+                self._log_collectives(steps)
                 return
             outputs = self._apply(order.messages[self.state.dp_rank]) if self.core and order.messages else []
             if order.run:
                 outputs += self._step()
+                steps += 1
             report = None if self.core is None else DPReport(outputs, self.core.stats(), self.core.has_work,
                                                             self.core.kv.num_free_blocks)
             reports = self.state.world.gather_objects(report)
             if self.head:
                 self._deliver([r for r in reports if r is not None])
+
+    def _log_collectives(self, steps: int) -> None:
+        """The time this rank spent in the model's collectives (benchmarks read this line)."""
+        seconds = self.state.collective_seconds()
+        log.info("rank %d: %d steps, collectives %.3f ms per step (%.3f s in all)", self.state.rank, steps,
+                 1e3 * seconds / max(steps, 1), seconds)
 
     def _order(self) -> StepOrder:
         messages = self.mailbox.receive(HEARTBEAT if not self.busy else 0.0)
