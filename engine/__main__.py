@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engine.model import CheckpointError, ModelConfig
@@ -103,9 +104,11 @@ def _generate(args: argparse.Namespace) -> int | None:
 
     if args.max_tokens < 1:
         raise CheckpointError("--max-tokens must be at least 1")
-    ExpertQuantization.parse(args.quantization)
-    ModelConfig.from_dir(args.model)  # a bad checkpoint is named before anything else
     parallel = _parallel_config(args)
+    job = GenerateJob(str(args.model), [], args.max_tokens, args.temperature, args.seed, -1, args.dtype, args.device,
+                      args.quantization, args.moe_dispatch)
+    # one process: the weights load first, so that a bad checkpoint is what the error names
+    model = None if parallel.parallel else job.load()
     try:
         tok = Tokenizer.from_dir(args.model)
     except (FileNotFoundError, ValueError) as exc:
@@ -114,12 +117,13 @@ def _generate(args: argparse.Namespace) -> int | None:
         prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = [tok.bos_id] + tok.encode(args.prompt)
-    job = GenerateJob(str(args.model), prompt, args.max_tokens, args.temperature, args.seed, tok.eos_id, args.dtype,
-                      args.device, args.quantization, args.moe_dispatch)
+    job = replace(job, prompt=prompt, eos_id=tok.eos_id)
     if parallel.parallel:  # every rank runs the generation in step; rank 0 prints it
         from engine.distributed.launch import run_node
+        ExpertQuantization.parse(args.quantization)
+        ModelConfig.from_dir(args.model)  # a bad checkpoint is named before any rank starts
         return run_node(parallel, generate_on_rank, (job, parallel))
-    print_generation(tok, prompt, job.run())
+    print_generation(tok, prompt, job.run(model))
 
 
 def _parallel_config(args: argparse.Namespace):

@@ -93,11 +93,13 @@ class GenerateJob:
     quantization: str | None = None
     moe_dispatch: str = "auto"
 
-    def run(self, state: "ParallelState | None" = None, device: str | None = None) -> Generation:
+    def load(self, state: "ParallelState | None" = None, device: str | None = None) -> DeepseekV3ForCausalLM:
         from engine.loader import load_model
 
-        model = load_model(self.model, dtype=self.dtype, device=device or self.device, quantization=self.quantization,
-                           parallel=state, moe_dispatch=self.moe_dispatch, progress=state is None or state.rank == 0)
+        return load_model(self.model, dtype=self.dtype, device=device or self.device, quantization=self.quantization,
+                          parallel=state, moe_dispatch=self.moe_dispatch, progress=state is None or state.rank == 0)
+
+    def run(self, model: DeepseekV3ForCausalLM) -> Generation:
         return generate(model, self.prompt, self.max_tokens, self.temperature, self.seed, frozenset({self.eos_id}))
 
 
@@ -112,7 +114,7 @@ def generate_on_rank(rank: int, job: GenerateJob, parallel: "ParallelConfig") ->
     device = rank_device(parallel, rank, torch.device(job.device).type)
     state = init_rank(parallel, rank, device)
     try:
-        result = job.run(state, str(device))
+        result = job.run(job.load(state, str(device)))
     finally:
         destroy()
     if rank == 0:

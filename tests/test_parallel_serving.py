@@ -236,3 +236,13 @@ def test_more_ranks_than_gpus_is_refused(model_dir):
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "asks for 2 GPUs on this node, which has" in result.stderr
+
+
+def test_generate_with_tensor_parallelism_prints_the_single_process_text(model_dir):
+    def run(*flags: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(model_dir), "--prompt",
+                                 "The parallel engine", "--max-tokens", "12", "--dtype", "float32", *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    assert run("--tensor-parallel-size", "2", "--enable-expert-parallel", "--master-port", str(free_port())) == run()
