@@ -84,13 +84,14 @@ class WeightBytes:
     """Weight bytes resident on one rank, by kind."""
 
     attention: int  # MLA projections and its norms, plus each layer's two RMSNorms
+    mla_absorbed: int  # fp32 copies of kv_b_proj for the absorbed and naive forms (MLA.absorb_weights)
     dense_mlp: int
     shared_experts: int
     routed_experts: int  # packed values, block scales and global scales when FP4
     router: int  # fp32 gate weight [E, D] and correction bias [E] per MoE layer
     embedding: int  # embedding, LM head and final norm
 
-    LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "shared_experts": "shared experts",
+    LABELS = {"attention": "attention", "mla_absorbed": "MLA absorbed (fp32)", "dense_mlp": "dense MLP", "shared_experts": "shared experts",
               "routed_experts": "routed experts", "router": "router (fp32)",
               "embedding": "embedding + head + norm"}
 
@@ -278,6 +279,9 @@ def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, fp4: FP4Format | None
     rows = -(-cfg.vocab_size // tp)
     return WeightBytes(
         attention=cfg.num_hidden_layers * _attention_values(cfg, tp) * b,
+        # W_kv_b [H, Dn + Dv, C], and W_UK [H, Dn, C] beside W_UV^T [H, C, Dv]: twice kv_b_proj, in fp32
+        mla_absorbed=cfg.num_hidden_layers * 2 * (cfg.num_attention_heads // tp)
+        * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 4,
         dense_mlp=k * 3 * d * (cfg.intermediate_size // tp) * b,
         shared_experts=moe_layers * 3 * d * (cfg.moe_intermediate_size * cfg.n_shared_experts // tp) * b,
         routed_experts=moe_layers * _routed_expert_bytes(cfg, layout, b, fp4),

@@ -52,7 +52,8 @@ def r1_tp8_weights(routed_experts: int) -> int:
     shared = 58 * 3 * 7168 * (2048 // 8) * 2  # 638,582,784
     router = 58 * (256 * 7168 + 256) * 4  # 425,781,248
     embedding = (2 * 16160 * 7168 + 7168) * 2  # 463,353,856
-    return attention + dense + shared + router + embedding + routed_experts
+    absorbed = 61 * 2 * 16 * 256 * 512 * 4  # 1,023,410,176: fp32 kv_b twice (naive and absorbed forms)
+    return attention + absorbed + dense + shared + router + embedding + routed_experts
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,13 @@ def test_small_model_weights_by_kind_with_tp2_and_expert_parallelism(small):
     # per layer: replicated (48+512+64)*64 + 48+512+64+64 = 40,624; 2 heads: q_b 2*96*48 = 9,216,
     # kv_b 2*80*512 = 81,920, o_proj 64*2*48 = 6,144 -> 137,904 values; 3 layers, 2 bytes
     assert w.attention == 3 * 137904 * 2 == 827424
+    assert w.mla_absorbed == 3 * 2 * 2 * 80 * 512 * 4 == 1966080  # 3 layers: kv_b (2 x 80 x 512) twice, fp32
     assert w.dense_mlp == 1 * 3 * 64 * 48 * 2 == 18432  # F/tp = 48
     assert w.shared_experts == 2 * 3 * 64 * 16 * 2 == 12288  # I*S/tp = 16
     assert w.routed_experts == 2 * 8 * 3 * 64 * 32 * 2 == 196608  # 8 whole experts per rank
     assert w.router == 2 * (16 * 64 + 16) * 4 == 8320  # fp32, replicated
     assert w.embedding == (2 * 160 * 64 + 64) * 2 == 41088  # ceil(320/2) rows each
-    assert w.total == 1104160
+    assert w.total == 1104160 + 1966080
     assert plan.kv_bytes_per_token == 3 * (512 + 64) * 2 == 3456
     assert plan.expert_format == "bfloat16"
 
@@ -126,7 +128,8 @@ def test_one_rank_has_no_collectives(small):
 
 def test_r1_has_671b_parameters_without_its_mtp_layer(r1):
     # fp32 serving makes bytes / 4 the parameter count (the router is fp32 anyway)
-    params = plan_layout(r1, Layout(), 4000.0, dtype="float32").weights.total // 4
+    weights = plan_layout(r1, Layout(), 4000.0, dtype="float32").weights
+    params = (weights.total - weights.mla_absorbed) // 4
     attention = 61 * (R1_ATTN_REPLICATED + 128 * R1_ATTN_PER_HEAD)  # 11,414,421,504
     dense = 3 * 3 * 7168 * 18432  # 1,189,085,184
     shared = 58 * 3 * 7168 * 2048  # 2,554,331,136
@@ -142,7 +145,7 @@ def test_r1_in_bf16_on_8_h200_is_refused(r1, ep):
     assert plan.weights.routed_experts == 58 * 256 * R1_EXPERT // 8 * 2 == 163477192704  # 152.25 GiB alone
     assert plan.weights.total == r1_tp8_weights(163477192704)
     assert not plan.fits and plan.tokens_per_dp_rank == 0
-    assert plan.reason.startswith("does not fit: weights 158.11 GiB + KV cache 10.72 GiB per rank exceed "
+    assert plan.reason.startswith("does not fit: weights 159.07 GiB + KV cache 10.72 GiB per rank exceed "
                                   "the budget 126.90 GiB")
     assert "--quantization nvfp4" in plan.reason
 
@@ -151,10 +154,10 @@ def test_r1_with_nvfp4_experts_on_8_h200_tp8_ep_fits(r1):
     plan = plan_layout(r1, Layout(tp=8, ep=True), 141.0, quantization="nvfp4")
     assert plan.weights.routed_experts == 58 * 32 * R1_NVFP4_EXPERT == 45977975296  # 42.82 GiB
     weights = r1_tp8_weights(45977975296)
-    assert plan.weights.total == weights == 52274387456  # 48.68 GiB
+    assert plan.weights.total == weights == 53297797632  # 49.64 GiB
     assert plan.kv_bytes_per_token == R1_KV_PER_TOKEN
     budget = int(141 * 0.9 * GIB)  # 126.9 GiB
-    assert plan.tokens_per_dp_rank == plan.total_tokens == (budget - weights) // 70272 == 1195119
+    assert plan.tokens_per_dp_rank == plan.total_tokens == (budget - weights) // 70272 == 1180556
     assert plan.fits and plan.reason.startswith("fits:")
     assert plan.collective_bytes(MoEForm.ALL_GATHER) == 61 * 25088 + 3 * 25088 + 58 * 25088 + 7 * 16160 * 4
     assert plan.collective_bytes(MoEForm.ALL_TO_ALL) == 3513216 + 58 * 2 * 7 * 14336  # 7 other ranks
@@ -164,9 +167,9 @@ def test_r1_with_nvfp4_experts_on_two_nodes_of_8_h100_tp8_dp2_ep_fits(r1):
     plan = plan_layout(r1, Layout(tp=8, dp=2, ep=True), 80.0, quantization="nvfp4")
     assert plan.weights.routed_experts == 58 * 16 * R1_NVFP4_EXPERT == 22988987648  # 16 experts per rank
     weights = r1_tp8_weights(22988987648)  # attention, dense, shared and head split over tp=8 only
-    assert plan.weights.total == weights == 29285399808  # 27.27 GiB
-    assert plan.tokens_per_dp_rank == (72 * GIB - weights) // 70272 == 683401
-    assert plan.total_tokens == 2 * 683401
+    assert plan.weights.total == weights == 30308809984  # 28.23 GiB
+    assert plan.tokens_per_dp_rank == (72 * GIB - weights) // 70272 == 668838
+    assert plan.total_tokens == 2 * 668838
     assert plan.fits
     dispatch = 58 * 1 * (14336 + 8 * 12)  # all-gather over dp=2: the hidden state and 8 routing choices
     combine = 58 * 1 * 14336
@@ -174,7 +177,7 @@ def test_r1_with_nvfp4_experts_on_two_nodes_of_8_h100_tp8_dp2_ep_fits(r1):
 
 
 def test_r1_kv_cache_and_context_length_limits(r1):
-    # 8 x H100 with TP=8 + EP and NVFP4: the weights fit (48.68 GiB of 72), one 163,840-token context (10.72 GiB) too
+    # 8 x H100 with TP=8 + EP and NVFP4: the weights fit (49.64 GiB of 72), one 163,840-token context (10.72 GiB) too
     assert plan_layout(r1, Layout(tp=8, ep=True), 80.0, quantization="nvfp4").fits
     # an explicit --kv-cache-memory must hold one context: 5 GiB holds 5 * 2**30 // 70,272 = 76,398 tokens
     small_kv = plan_layout(r1, Layout(tp=8, ep=True), 141.0, quantization="nvfp4", kv_cache_gib=5.0)
@@ -233,7 +236,7 @@ def test_run_plan_prints_the_table_and_returns_the_verdict(tmp_path, capsys):
     assert plan_cli("--model", str(model), "--tensor-parallel-size", "8", "--enable-expert-parallel",
                     "--quantization", "nvfp4") == 0
     out = capsys.readouterr().out
-    assert "routed experts                 42.82" in out and "1,195,119 tokens per DP rank" in out
+    assert "routed experts                 42.82" in out and "1,180,556 tokens per DP rank" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: fits")
     # a config.json path works as well as its directory
     assert plan_cli("--model", str(model / "config.json"), "--tensor-parallel-size", "8") == 1
