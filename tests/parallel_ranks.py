@@ -16,7 +16,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.distributed import ParallelConfig, destroy
-from engine.distributed.launch import init_rank
+from engine.distributed.launch import init_rank, rank_device
 
 
 def free_port() -> int:
@@ -25,9 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, cfg: ParallelConfig, target, args, results) -> None:
+def _entry(rank: int, cfg: ParallelConfig, device_type: str, target, args, results) -> None:
     try:
-        state = init_rank(cfg, rank, torch.device("cpu"))
+        state = init_rank(cfg, rank, rank_device(cfg, rank, device_type))
         results.put((rank, "ok", target(state, *args)))
     except BaseException:  # noqa: BLE001 - reported to the test
         results.put((rank, "error", traceback.format_exc()))
@@ -35,12 +35,14 @@ def _entry(rank: int, cfg: ParallelConfig, target, args, results) -> None:
         destroy()
 
 
-def run_ranks(target, tp: int = 1, dp: int = 1, ep: bool = False, args: tuple = (), timeout: float = 240) -> list:
-    """target(state, *args) on each rank of a tp x dp layout; returns the results in rank order."""
+def run_ranks(target, tp: int = 1, dp: int = 1, ep: bool = False, args: tuple = (), timeout: float = 240,
+              device_type: str = "cpu") -> list:
+    """target(state, *args) on each rank of a tp x dp layout (on the CPU with gloo, or one GPU
+    per rank with NCCL); returns the results in rank order."""
     cfg = ParallelConfig(tp, dp, ep, master_port=free_port(), collective_timeout=60, rendezvous_timeout=60)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, cfg, target, args, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, cfg, device_type, target, args, results), daemon=True)
              for r in range(cfg.world_size)]
     for p in procs:
         p.start()
