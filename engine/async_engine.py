@@ -78,8 +78,9 @@ class AsyncEngine:
         kind, payload = first.result()
         if kind != "ready":
             await asyncio.to_thread(self._process.join, 10)
+            lost = self._lost_rank()  # a rank that failed to load makes rank 0 fail at the barrier
             self._kill_all()
-            raise EngineStartError(payload)
+            raise EngineStartError(f"{lost} while loading (its log says why); rank 0: {payload}" if lost else payload)
         self.info = payload
         loop = asyncio.get_running_loop()
         loop.add_reader(self._outbox.fileno(), self._on_outputs)

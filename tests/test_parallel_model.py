@@ -78,14 +78,14 @@ def test_four_ranks_tp2_dp2_with_experts_over_all_four(checkpoints):
     assert_matches(run_ranks(rank_logits, 2, 2, True, (path, "alltoall", seeds, [None, None])), reference)
 
 
-@pytest.mark.parametrize("dispatch", ["allgather", "alltoall"])
-def test_a_dp_rank_that_runs_out_of_work_steps_idle_and_the_other_is_unaffected(checkpoints, dispatch):
-    """DP rank 1 has work for 3 steps, then joins the MoE collectives with no tokens while
-    rank 0 runs on: rank 0's logits are still the single-process ones."""
+@pytest.mark.parametrize("tp, dispatch", [(1, "allgather"), (1, "alltoall"), (2, "alltoall")])
+def test_a_dp_rank_that_runs_out_of_work_steps_idle_and_the_other_is_unaffected(checkpoints, tp, dispatch):
+    """DP group 1 has work for 3 steps, then joins the MoE collectives with no tokens while
+    group 0 runs on: group 0's logits are still the single-process ones."""
     path = checkpoints["lora_yarn"]
     seeds = [50, 60]
     reference = {0: single_process_logits(path, 50), 1: single_process_logits(path, 60, steps=3)}
-    results = run_ranks(rank_logits, 1, 2, True, (path, dispatch, seeds, [None, 3]))
+    results = run_ranks(rank_logits, tp, 2, True, (path, dispatch, seeds, [None, 3]))
     for dp_rank, logits in results:
         if dp_rank == 1:
             assert len(logits) == 3

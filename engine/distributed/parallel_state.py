@@ -110,8 +110,9 @@ class Group:
         return x.float() if self.gloo and x.dtype in (torch.bfloat16, torch.float16) else x
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group; returns the result (x itself where it could be done in place)."""
-        if self.size == 1:
+        """Sum over the group; returns the result (x itself where it could be done in place).
+        A TP group's ranks hold the same tokens, so an empty x (an idle step) is empty on all."""
+        if self.size == 1 or x.numel() == 0:
             return x
         wire = self._wire(x)
         self._timed(dist.all_reduce, wire, dist.ReduceOp.SUM, self.pg)
