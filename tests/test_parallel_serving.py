@@ -246,3 +246,24 @@ def test_generate_with_tensor_parallelism_prints_the_single_process_text(model_d
         assert result.returncode == 0, result.stderr
         return result.stdout
     assert run("--tensor-parallel-size", "2", "--enable-expert-parallel", "--master-port", str(free_port())) == run()
+
+
+def test_a_hung_rank_stops_the_engine_after_the_collective_timeout(model_dir):
+    """SIGSTOP, not SIGKILL: nothing closes a socket, so only the timeout can tell."""
+    proc = parallel_engine(model_dir, "--data-parallel-size", "2", "--enable-expert-parallel",
+                           "--collective-timeout", "3")
+    try:
+        victim = rank_pid(proc, 1)
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert proc.proc.wait(timeout=30) != 0  # the idle heartbeat's collective times out too
+        assert time.monotonic() - stopped < 20
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.proc.poll() is None:
+            proc.stop()
+        else:
+            proc.proc.stdout.close()
