@@ -115,7 +115,7 @@ def engine_config(cfg: ServeConfig, model) -> EngineConfig:
                         cuda_graphs=not cfg.enforce_eager)
 
 
-def engine_main(cfg: ServeConfig, inbox, outbox: Connection, rank: int = 0) -> None:
+def engine_main(cfg: ServeConfig, inbox, outbox: Connection) -> None:
     """Entry point of the engine process (global rank 0 of a parallel engine)."""
     # The server process decides when to stop: a signal to the whole process group (Ctrl-C,
     # systemd's default KillMode) must start its drain, not kill the engine under it.
@@ -124,9 +124,8 @@ def engine_main(cfg: ServeConfig, inbox, outbox: Connection, rank: int = 0) -> N
     configure_logging("INFO", cfg.log_format)
     mailbox = Mailbox(inbox, outbox)
     try:
-        state = _join(cfg, rank)
+        state = _join(cfg, 0)
         core = _build(cfg, state)
-        runner = core.runner
         state.wait_loaded()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
         outbox.send(("failed", str(exc)))
@@ -138,7 +137,7 @@ def engine_main(cfg: ServeConfig, inbox, outbox: Connection, rank: int = 0) -> N
         if state.world_size == 1:
             _EngineLoop(core, mailbox).run()
         else:
-            _run_parallel(RankLoop(state, runner, core, mailbox))
+            _run_parallel(RankLoop(state, core.runner, core, mailbox))
     except (BrokenPipeError, EOFError):
         pass  # the server is gone
 
