@@ -16,6 +16,8 @@ from engine.model import CheckpointError, ModelConfig
 from engine.model.fp4_experts import ExpertQuantization
 
 EXIT_BAD_INPUT = 2
+CPU_KV_CACHE_GIB = 1.0  # --kv-cache-memory's default on the CPU
+GPU_MEMORY_UTILIZATION = 0.9  # --gpu-memory-utilization's default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +70,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--served-model-name", default="", help="the model name clients see (default: the directory name)")
     p.add_argument("--max-model-len", type=int, default=0, help="context length (default: the model's, capped by the cache)")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB", help="KV cache size in GiB")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help=f"KV cache per rank in GiB; when given it wins over --gpu-memory-utilization "
+                        f"(default on CUDA: sized by it; on the CPU: {CPU_KV_CACHE_GIB:g} GiB)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help=f"CUDA only: the share of each GPU's memory the engine may take (default "
+                        f"{GPU_MEMORY_UTILIZATION:g}); after loading, a step at the largest batch "
+                        f"(--max-num-batched-tokens over --max-num-seqs) is profiled and the KV cache gets what "
+                        f"is left of F. Not on the CPU, whose memory other processes and ranks share: there "
+                        f"--kv-cache-memory sizes the cache")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
@@ -161,9 +171,24 @@ def _check_devices(parallel, device: str) -> None:
                               f"{parallel.ranks_per_node} GPUs on this node, which has {have}")
 
 
+def _kv_cache_memory(args: argparse.Namespace, device: str) -> tuple[float | None, float]:
+    """(--kv-cache-memory in GiB, or None to size the cache from the utilization; the utilization)."""
+    utilization = GPU_MEMORY_UTILIZATION if args.gpu_memory_utilization is None else args.gpu_memory_utilization
+    if not 0 < utilization <= 1:
+        raise CheckpointError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
+    if args.kv_cache_memory is not None or device == "cuda":
+        return args.kv_cache_memory, utilization
+    if args.gpu_memory_utilization is not None:
+        raise CheckpointError("--gpu-memory-utilization sizes the KV cache from a GPU's memory; "
+                              "on the CPU give --kv-cache-memory GIB")
+    return CPU_KV_CACHE_GIB, utilization
+
+
 def _check_plan(args: argparse.Namespace, parallel, device: str) -> None:
     """Refuses, before anything is loaded, a layout whose weights and KV cache cannot fit a
-    device (engine.plan, the numbers `python -m engine plan` prints)."""
+    device (engine.plan, the numbers `python -m engine plan` prints). Without --kv-cache-memory
+    the cache is what the weights leave of the utilization, and must hold --max-model-len
+    (without it, one block: the engine then serves the context that its cache holds)."""
     import torch
 
     from engine.distributed.launch import device_memory_gib
@@ -172,13 +197,16 @@ def _check_plan(args: argparse.Namespace, parallel, device: str) -> None:
 
     cfg = ModelConfig.from_dir(args.model)
     dtype = resolve_dtype(args.dtype, cfg, torch.device(device))
-    # the context the engine serves: --max-model-len, else the model's capped by the cache
-    kv_tokens = int(args.kv_cache_memory * 2**30) // (cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize)
-    context = args.max_model_len or max(1, min(cfg.max_position_embeddings, kv_tokens))
+    kv_gib, utilization = _kv_cache_memory(args, device)
+    if kv_gib is None:
+        context = args.max_model_len or max(1, min(args.block_size, cfg.max_position_embeddings))
+    else:  # the context the engine serves: --max-model-len, else the model's capped by the cache
+        kv_tokens = int(kv_gib * 2**30) // (cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize)
+        context = args.max_model_len or max(1, min(cfg.max_position_embeddings, kv_tokens))
     layout = Layout(parallel.tensor_parallel_size, parallel.data_parallel_size, parallel.enable_expert_parallel)
     plan = plan_layout(cfg, layout, device_memory_gib(device, parallel.ranks_per_node),
-                       dtype=str(dtype).removeprefix("torch."), quantization=args.quantization,
-                       max_model_len=context, kv_cache_gib=args.kv_cache_memory)
+                       utilization=utilization, dtype=str(dtype).removeprefix("torch."),
+                       quantization=args.quantization, max_model_len=context, kv_cache_gib=kv_gib)
     if not plan.fits:
         raise CheckpointError(f"this layout does not fit: {plan.reason}")
 
@@ -199,14 +227,15 @@ def _serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_devices(parallel, device)
     _check_plan(args, parallel, device)
+    kv_gib, utilization = _kv_cache_memory(args, device)
     try:
         cfg = ServeConfig(str(args.model), args.host, args.port, args.dtype, device,
-                          args.served_model_name, args.max_model_len, args.kv_cache_memory, args.max_num_seqs,
+                          args.served_model_name, args.max_model_len, kv_gib, args.max_num_seqs,
                           args.max_num_batched_tokens, args.max_waiting, args.block_size,
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
                           args.quantization, args.metrics_port, drain_timeout=args.drain_timeout,
                           log_format=args.log_format, enforce_eager=args.enforce_eager, parallel=parallel,
-                          moe_dispatch=args.moe_dispatch)
+                          moe_dispatch=args.moe_dispatch, gpu_memory_utilization=utilization)
         if not parallel.is_head_node or (parallel.torchrun and int(os.environ["RANK"]) != 0):
             return _serve_other_ranks(cfg)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)

@@ -20,7 +20,7 @@ import os
 import queue
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import torch
@@ -30,6 +30,7 @@ from engine.core import EngineConfig, EngineCore, EngineStats
 from engine.distributed import ParallelConfig, ParallelState, destroy
 from engine.distributed.launch import init_rank, rank_device
 from engine.errors import EngineDead
+from engine.kv_sizing import CudaMemory, KVCacheSpec, size_kv_cache
 from engine.model.fp4_experts import ExpertQuantization
 from engine.parallel_loop import RankLoop, apply_message
 from engine.request import RequestOutput
@@ -48,7 +49,8 @@ class ServeConfig:
     device: str = "cpu"
     served_model_name: str = ""
     max_model_len: int = 0  # 0: the model's own limit, capped by the KV cache
-    kv_cache_memory_gib: float = 1.0
+    kv_cache_memory_gib: float | None = 1.0  # KV cache per rank; None: sized by gpu_memory_utilization (CUDA)
+    gpu_memory_utilization: float = field(default=0.9, kw_only=True)  # of each GPU: weights, steps, KV cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024
@@ -68,8 +70,10 @@ class ServeConfig:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
-        if self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"--kv-cache-memory must be positive, got {self.kv_cache_memory_gib}")
+        _ = self.kv_cache_spec  # built once here to validate --kv-cache-memory and --gpu-memory-utilization
+        if self.kv_cache_memory_gib is None and torch.device(self.device).type != "cuda":
+            raise ValueError("--gpu-memory-utilization sizes the KV cache from a GPU's memory; "
+                             "on the CPU give --kv-cache-memory GIB")
         if self.max_model_len < 0 or self.block_size < 1:
             raise ValueError("--max-model-len must be >= 0 and --block-size >= 1")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting)  # validates
@@ -82,6 +86,11 @@ class ServeConfig:
             raise ValueError("--moe-dispatch alltoall needs --enable-expert-parallel")
         if self.log_format not in FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.block_size, self.max_num_batched_tokens, self.max_num_seqs, self.kv_cache_memory_gib,
+                           self.gpu_memory_utilization)
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,9 @@ class EngineInfo:
         return self.config.num_blocks * self.data_parallel_size
 
 
-def engine_config(cfg: ServeConfig, model) -> EngineConfig:
-    """Sizes the block pool from the memory budget and the context from model and pool."""
+def engine_config(cfg: ServeConfig, model, num_blocks: int) -> EngineConfig:
+    """The engine on a pool of `num_blocks` (engine.kv_sizing); the context from model and pool."""
     mc = model.cfg
-    block_bytes = mc.num_hidden_layers * cfg.block_size * mc.kv_cache_dim * model.dtype.itemsize
-    num_blocks = int(cfg.kv_cache_memory_gib * 2**30 // block_bytes)
-    if num_blocks < 1:
-        raise ValueError(f"--kv-cache-memory {cfg.kv_cache_memory_gib} GiB holds no block of {block_bytes} bytes")
     limit = min(mc.max_position_embeddings, num_blocks * cfg.block_size)
     if cfg.max_model_len > limit:
         raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds what the model and KV cache allow ({limit})")
@@ -125,7 +130,7 @@ def engine_main(cfg: ServeConfig, inbox, outbox: Connection) -> None:
     mailbox = Mailbox(inbox, outbox)
     try:
         state = _join(cfg, 0)
-        core = _build(cfg, state)
+        core = _build(cfg, *_load_sized(cfg, state))
         state.wait_loaded()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
         outbox.send(("failed", str(exc)))
@@ -153,12 +158,12 @@ def rank_main(cfg: ServeConfig, rank: int) -> None:
     state = _join(cfg, rank)
     log.info("rank %d of %d (pid %d) joined: TP rank %d, DP rank %d", rank, state.world_size, os.getpid(),
              state.tp_rank, state.dp_rank)
+    model, num_blocks = _load_sized(cfg, state)
     if state.is_dp_head:  # schedules and samples for its DP group
-        core = _build(cfg, state)
+        core = _build(cfg, model, num_blocks)
         runner = core.runner
     else:
-        model = _load(cfg, state)
-        runner = ModelRunner(model, None, engine_config(cfg, model).num_blocks, block_size=cfg.block_size)
+        runner = ModelRunner(model, None, num_blocks, block_size=cfg.block_size)
         core = None
     state.wait_loaded()
     _run_parallel(RankLoop(state, runner, core))
@@ -198,12 +203,28 @@ def _load(cfg: ServeConfig, state: ParallelState):
                       parallel=state, moe_dispatch=cfg.moe_dispatch, progress=state.rank == 0)
 
 
-def _build(cfg: ServeConfig, state: ParallelState) -> EngineCore:
+def _load_sized(cfg: ServeConfig, state: ParallelState):
+    """This rank's part of the model, and the KV blocks every rank agreed on (sized by a
+    profiled step, which all ranks run together once all have loaded, unless
+    --kv-cache-memory names the size)."""
+    memory = None
+    if cfg.kv_cache_memory_gib is None:  # before loading: what the device holds already is not ours
+        memory = CudaMemory(cfg.device if state.world_size == 1
+                            else rank_device(cfg.parallel, state.rank, torch.device(cfg.device).type))
+    model = _load(cfg, state)
+    if memory is not None:
+        state.wait_loaded()
+    size = size_kv_cache(cfg.kv_cache_spec, model, state, memory)
+    if state.rank == 0:
+        log.info("%s", size.describe(cfg.parallel.data_parallel_size))
+    return model, size.num_blocks
+
+
+def _build(cfg: ServeConfig, model, num_blocks: int) -> EngineCore:
     from engine.tokenizer import Tokenizer
 
-    model = _load(cfg, state)
     tokenizer = Tokenizer.from_dir(cfg.model, cfg.chat_template)
-    return EngineCore(model, tokenizer, engine_config(cfg, model))
+    return EngineCore(model, tokenizer, engine_config(cfg, model, num_blocks))
 
 
 class Mailbox:
