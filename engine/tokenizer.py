@@ -2,7 +2,8 @@
 
 Owns the Hugging Face fast tokenizer (`tokenizer.json`), the bos/eos tokens named in
 `tokenizer_config.json`, and the chat template compiled once in a Jinja sandbox: chat
-templates ship inside downloaded checkpoints, so they are untrusted code.
+templates ship inside downloaded checkpoints, so they are untrusted code. And what the
+checkpoint can do in a chat (`ChatCapabilities`), read from that template and those tokens.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import json
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from engine.text.reasoning import THINK_CLOSE, THINK_OPEN
+from engine.text.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP
 
 DEFAULT_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
@@ -88,6 +93,34 @@ def compile_chat_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ChatCapabilities:
+    """What a checkpoint supports beyond plain chat, as GetModelInfo reports it.
+
+    tools: the chat template renders tool definitions and, in history, tool calls in
+        DeepSeek's format (the one engine.text.tool_calls parses), and each of that format's
+        markers is one token of the tokenizer, as the model was trained to emit them.
+    reasoning: `<think>` and `</think>` are tokens, so the model can open and close reasoning.
+    """
+
+    tools: bool
+    reasoning: bool
+
+
+TOOL_CALL_TOKENS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP)
+_PROBE_TOOL, _PROBE_CALL = "moeserve_probe_tool", "moeserve_probe_call"
+# A conversation that uses tools, in the shape Hugging Face templates expect (a tool call's
+# arguments as a JSON string, its message's content None).
+_PROBE_MESSAGES = (
+    {"role": "user", "content": "probe"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": _PROBE_CALL, "arguments": "{}"}}]},
+    {"role": "tool", "content": "probe", "tool_call_id": "call_0"},
+)
+_PROBE_TOOLS = ({"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe",
+                                                  "parameters": {"type": "object", "properties": {}}}},)
 
 
 class Tokenizer:
@@ -178,6 +211,21 @@ class Tokenizer:
     ) -> list[int]:
         """Prompt ids for a chat request; the template already emits bos, so none is added."""
         return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt=True))
+
+    @cached_property
+    def capabilities(self) -> ChatCapabilities:
+        """Read once from the template (rendered on a conversation with a tool) and the vocabulary."""
+        has = lambda token: self.token_to_id(token) is not None  # noqa: E731
+        tools = all(map(has, TOOL_CALL_TOKENS)) and self._renders_tools()
+        return ChatCapabilities(tools=tools, reasoning=has(THINK_OPEN) and has(THINK_CLOSE))
+
+    def _renders_tools(self) -> bool:
+        """Whether the template shows the model a tool's definition and a past call in DeepSeek's format."""
+        try:
+            text = self.apply_chat_template(_PROBE_MESSAGES, _PROBE_TOOLS, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that cannot render tools does not support them
+            return False
+        return _PROBE_TOOL in text and f"{CALL_BEGIN}function{TOOL_SEP}{_PROBE_CALL}" in text
 
 
 def _packaged_tokenizer_json() -> Path:

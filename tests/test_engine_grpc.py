@@ -124,7 +124,7 @@ def test_model_info_describes_context_and_cache(stub, engine):
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.max_model_len == 1024 and info.vocab_size == 129280
     assert info.kv_cache.total_blocks > 0 and info.kv_cache.capacity_tokens == info.kv_cache.total_blocks * info.kv_cache.block_size
-    assert info.capabilities.tools and info.capabilities.max_top_logprobs == 20
+    assert info.capabilities.tools and info.capabilities.reasoning and info.capabilities.max_top_logprobs == 20
     assert info.dtype == "float32" and info.device == "cpu"
 
 

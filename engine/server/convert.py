@@ -79,13 +79,26 @@ def request_from_proto(msg: pb.GenerateRequest, tokenizer: Tokenizer) -> EngineR
         if not msg.prompt:
             raise InvalidRequest("prompt", "must not be empty")
         return EngineRequest(rid, tokenizer.encode(msg.prompt, add_bos=True), params)
-    tools = _tools(msg.chat)
+    tools, messages, caps = _tools(msg.chat), _messages(msg.chat), tokenizer.capabilities
+    if not caps.tools:
+        _refuse_tools(tools, messages)
     try:
-        text = tokenizer.apply_chat_template(_messages(msg.chat), tools=tools, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     except ChatTemplateError as exc:
         raise InvalidRequest("messages", str(exc)) from None
-    return EngineRequest(rid, tokenizer.encode(text), params, parse_reasoning=True,
-                         reasoning_started=text.rstrip().endswith(THINK_OPEN), parse_tools=tools is not None)
+    return EngineRequest(rid, tokenizer.encode(text), params, parse_reasoning=caps.reasoning,
+                         reasoning_started=caps.reasoning and text.rstrip().endswith(THINK_OPEN),
+                         parse_tools=tools is not None)
+
+
+def _refuse_tools(tools: list[dict] | None, messages: list[dict]) -> None:
+    """For a checkpoint without tools (Tokenizer.capabilities): its template would drop them."""
+    why = "this model does not support tools (its chat template or tokenizer lacks DeepSeek's tool-call format)"
+    if tools is not None:
+        raise InvalidRequest("tools", why)
+    for i, m in enumerate(messages):
+        if m.get("tool_calls") or m["role"] == "tool":
+            raise InvalidRequest(f"messages[{i}]", why)
 
 
 def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:

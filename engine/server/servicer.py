@@ -113,10 +113,10 @@ class EngineServicer(pb_grpc.EngineServicer):
     @maps_errors
     async def GetModelInfo(self, request, context):
         info, stats = self.engine.info, self.engine.stats()
-        cfg = info.config
+        cfg, caps = info.config, self.tokenizer.capabilities  # caps: from the checkpoint's template and tokens
         return pb.ModelInfo(
             served_model_name=self.name, max_model_len=cfg.max_model_len, vocab_size=info.vocab_size,
-            capabilities=pb.Capabilities(chat=True, tools=True, reasoning=True, logprobs=True,
+            capabilities=pb.Capabilities(chat=True, tools=caps.tools, reasoning=caps.reasoning, logprobs=True,
                                          max_top_logprobs=MAX_LOGPROBS),
             kv_cache=pb.KvCacheInfo(block_size=cfg.block_size, total_blocks=info.total_blocks,
                                     used_blocks=stats.used_blocks, capacity_tokens=info.total_blocks * cfg.block_size),
