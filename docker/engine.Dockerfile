@@ -4,9 +4,10 @@
 # /models/model. Built from the repository root: docker build -f docker/engine.Dockerfile .
 #
 # The runtime stage is CUDA's -devel image, not -runtime, on purpose: FlashInfer compiles
-# its MLA kernels with nvcc on first use (just-in-time, for the GPU it finds), and Triton
-# compiles a small C launcher with gcc against Python's headers. Both compile, neither
-# downloads; flashinfer-cubin carries the precompiled kernels FlashInfer would otherwise fetch.
+# with nvcc, on first use, any kernel that its precompiled set lacks, and Triton compiles a
+# small C launcher with gcc against Python's headers. Neither downloads: flashinfer-cubin
+# carries the precompiled kernels FlashInfer would otherwise fetch, at the version of
+# flashinfer-python that the gpu extra and docker/constraints.txt pin.
 # The CUDA version of the base image and of torch's wheel index must agree (nvcc builds
 # extensions against torch's headers); change both build arguments together.
 
@@ -20,7 +21,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3.12 -m venv /opt/venv
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG FLASHINFER_VERSION=0.6.13
 COPY docker/constraints.txt /tmp/constraints.txt
 # torch's CUDA build with its CUDA libraries (nvidia-* wheels, triton) from PyTorch's index
 # for the base image's CUDA version.
@@ -30,8 +30,7 @@ COPY engine /src/engine
 COPY kernels /src/kernels
 COPY gateway /src/gateway
 COPY moeserve /src/moeserve
-RUN /opt/venv/bin/pip install -c /tmp/constraints.txt "/src[gpu]" \
-        "flashinfer-python==${FLASHINFER_VERSION}" "flashinfer-cubin==${FLASHINFER_VERSION}"
+RUN /opt/venv/bin/pip install -c /tmp/constraints.txt "/src[gpu]"
 
 FROM nvidia/cuda:12.8.1-devel-ubuntu24.04
 # hadolint ignore=DL3008
