@@ -220,8 +220,10 @@ def test_on_a_gpu_weights_cache_and_a_largest_step_stay_within_the_share(model_d
     memory.reset_peak()
     scratch = profile_step(gpu_model, 2048, 64, 16)
     after = memory.measure(scratch)
-    assert after.peak + after.non_torch <= 0.3 * after.total
-    assert size.num_blocks * size.block_bytes >= 0.9 * (0.3 * after.total - after.peak - after.non_torch)
+    cache_bytes = cache.numel() * cache.element_size()
+    assert after.peak + after.non_torch <= 0.3 * after.total  # weights, cache and the largest step fit the share
+    room = 0.3 * after.total - (after.peak - cache_bytes) - after.non_torch
+    assert cache_bytes >= 0.8 * room  # and the cache took most of what they leave
     del cache
 
 
