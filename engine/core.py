@@ -17,7 +17,7 @@ from engine.kv_manager import KVCacheManager
 from engine.model import DeepseekV3ForCausalLM
 from engine.request import ChoiceDelta, EngineRequest, RequestOutput, RequestTimings, Usage
 from engine.runner import ModelRunner, StepInputs
-from engine.sampler import Sampler, SamplingRow, make_generator
+from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SeqStatus
 from engine.text.logprobs import LogprobFormatter
@@ -79,15 +79,17 @@ class EngineStats:
 
 
 class _SeqState:
-    """Per-choice output state: text pipeline, random generator, reasoning count."""
+    """Per-choice output state: text pipeline, sampling row, reasoning count."""
 
     def __init__(self, seq: Sequence, req: EngineRequest, tokenizer: Tokenizer, think_ids: tuple[int, int]) -> None:
         p = req.params
         self.seq = seq
         self.text = TextPipeline(tokenizer, p.stop, req.reasoning_started, req.parse_reasoning, req.parse_tools,
                                  p.skip_special_tokens)
+        # Choice i of a seeded request draws from the stream of seed + i, so choices differ
+        # and each repeats; the row reads the sequence's own lists, preemption included.
         seed = None if p.seed is None else p.seed + seq.index
-        self.row = SamplingRow(p, None if p.greedy else make_generator(seed), seq.prompt_ids, seq.output_ids)
+        self.row = SamplingRow(p, seed, seq.prompt_ids, seq.output_ids)
         self.in_reasoning = req.parse_reasoning and req.reasoning_started
         self.think_open, self.think_close = think_ids
         self.reasoning_tokens = 0
@@ -248,6 +250,8 @@ class EngineCore:
 
     def _finish_request(self, request_id: str, deltas: list[ChoiceDelta]) -> RequestOutput:
         req, states = self.requests.pop(request_id)
+        for st in states:
+            self.sampler.release(st.row)  # its token-count slot, if penalized
         timings = self.timings.pop(request_id)
         timings.finished_ns = time.time_ns()
         prompt, cached = self._prompt_usage(req, states)
