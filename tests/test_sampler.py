@@ -26,7 +26,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ALPHA, DRAWS = 1e-3, 20_000
 
 
-def row(params: SamplingParams, seed: int | None = 0, prompt: Sequence[int] = (), output: Sequence[int] = ()) -> SamplingRow:
+def row(params: SamplingParams, seed: int | None = 0, prompt: Sequence[int] = (),
+        output: Sequence[int] = ()) -> SamplingRow:
     return SamplingRow(params, seed, list(prompt), list(output))
 
 

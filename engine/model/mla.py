@@ -81,11 +81,21 @@ class MLA(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(q_a)) if self.q_rank else self.q_proj(x)
         return q.view(x.shape[0], self.heads, self.cfg.qk_head_dim)
 
-    def absorb_weights(self) -> None:
-        """After loading: W_UK [H, Dn, C] and W_UV^T [H, C, Dv], contiguous and fp32, so decode
-        folds them in with two small batched GEMMs instead of slicing kv_b_proj each step."""
-        self.w_kv_b = w = self._kv_b().float()  # [H, Dn + Dv, C], also the naive form's matrix
+    def absorb_weights(self, dtype: torch.dtype) -> None:
+        """After loading: W_UK [H, Dn, C] and W_UV^T [H, C, Dv] for the absorbed form, and
+        kv_b_proj as [H, Dn + Dv, C] for the naive one, in `dtype`.
+
+        In the weights' own dtype they are views of kv_b_proj's weight: no memory at all, and
+        the GEMMs read the transposes through their strides (the GPU path, bf16 with fp32
+        accumulation). In another dtype (fp32 on the CPU, where the fused C++ decode step
+        and the comparison with transformers read fp32) they are contiguous copies, so that
+        decode folds them in with two small batched GEMMs instead of converting each step."""
+        w = self._kv_b()  # [H, Dn + Dv, C]
         nope = self.cfg.qk_nope_head_dim
+        if dtype == w.dtype:
+            self.w_kv_b, self.w_uk, self.w_uv_t = w, w[:, :nope], w[:, nope:].transpose(1, 2)
+            return
+        self.w_kv_b = w = w.to(dtype)
         self.w_uk = w[:, :nope].contiguous()
         self.w_uv_t = w[:, nope:].transpose(1, 2).contiguous()
 
@@ -116,6 +126,7 @@ class MLA(nn.Module):
         """q_nope [T, H, Dn], q_pe [T, H, R] -> [T, H, Dv] through the latent space."""
         if self.w_uk is None:
             raise RuntimeError("MLA.absorb_weights() must run once the weights are loaded (finish_loading)")
-        q_latent = torch.bmm(q_nope.float().transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C] fp32
-        o_latent = backend.absorbed(q_latent, q_pe.float(), cache, meta, self.cfg.softmax_scale)  # [T, H, C]
-        return torch.bmm(o_latent.float().transpose(0, 1), self.w_uv_t).transpose(0, 1).to(q_nope.dtype)
+        dtype = self.w_uk.dtype
+        q_latent = torch.bmm(q_nope.to(dtype).transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, C]
+        o_latent = backend.absorbed(q_latent, q_pe.to(dtype), cache, meta, self.cfg.softmax_scale)  # [T, H, C]
+        return torch.bmm(o_latent.to(dtype).transpose(0, 1), self.w_uv_t).transpose(0, 1).to(q_nope.dtype)

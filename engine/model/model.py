@@ -100,8 +100,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Derives what the forward pass precomputes from the loaded weights: MLA's absorbed
         matrices, FP4 experts from an NVFP4 checkpoint, and on a bf16 CPU prepacked GEMM
         weights, dense small-batch MoE and the fused decode step."""
+        # fp32 absorbed matrices on the CPU only: elsewhere they would cost 2x kv_b_proj's bytes per layer
+        absorbed = torch.float32 if self.device.type == "cpu" else self.dtype
         for layer in self.model.layers:
-            layer.self_attn.absorb_weights()
+            layer.self_attn.absorb_weights(absorbed)
         for experts in self.routed_experts():
             experts.finish_loading()
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
