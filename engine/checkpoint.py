@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from kernels.fp8 import quantize_fp8_block
 
 
 def hf_tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -81,17 +81,10 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> 
     """w [O, I] -> (float8_e4m3fn [O, I], weight_scale_inv [ceil(O/bo), ceil(I/bi)] fp32).
 
     Each block is scaled so its largest magnitude maps to 448; dequantization multiplies
-    the block by its weight_scale_inv.
+    the block by its weight_scale_inv (kernels.fp8 holds the format).
     """
-    bo, bi = block
-    o, i = w.shape
-    padded = torch.zeros(-(-o // bo) * bo, -(-i // bi) * bi)
-    padded[:o, :i] = w.float()
-    blocks = padded.view(padded.shape[0] // bo, bo, padded.shape[1] // bi, bi)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / FP8_MAX
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view_as(padded)[:o, :i].contiguous(), scale_inv.contiguous()
+    q = quantize_fp8_block(w, block)
+    return q.weight, q.scale_inv
 
 
 def fp8_block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp4 import MXFP4Tensor, NVFP4Tensor, dequantize_fp4
+from .fp8 import FP8BlockTensor, dequantize_fp8_block
 
 
 def grouped_topk(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
@@ -49,15 +50,7 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     Returns [T, D] in x's dtype: sum over k of weights[t, k] * down(silu(gate(x)) * up(x))
     with expert ids[t, k].
     """
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    inter = w2.shape[-1]
-    for expert in held_experts(ids):
-        token, slot = (ids == expert).nonzero(as_tuple=True)
-        h = x[token] @ w13[expert].t()
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        y = h @ w2[expert].t()
-        out.index_add_(0, token, y.float() * weights[token, slot, None])
-    return out.to(x.dtype)
+    return _expert_loop(x, lambda e: (w13[e], w2[e]), weights, ids)
 
 
 def moe_reference_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tensor | MXFP4Tensor,
@@ -67,18 +60,49 @@ def moe_reference_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4
 
     x [T, D]; w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both NVFP4Tensor or
     both MXFP4Tensor; weights [T, K] fp32; ids [T, K] int64. Returns [T, D] in x's dtype, equal
-    to `triton_fused_moe.fused_moe_fp4_reference` (which dequantizes every expert first).
+    to `triton_fused_moe.fused_moe_reference` (which dequantizes every expert first).
     Peak extra memory: one expert's dense w13 and w2. Ids of -1 are skipped, as there.
     """
+    return _expert_loop(x, lambda e: (dequantize_fp4(fp4_expert(w13, e), x.dtype),
+                                      dequantize_fp4(fp4_expert(w2, e), x.dtype)), weights, ids)
+
+
+def moe_reference_fp8(x: torch.Tensor, w13: FP8BlockTensor, w2: FP8BlockTensor,
+                      weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts with DeepSeek block-FP8 weights that stay FP8: as `moe_reference_fp4`,
+    each routed expert dequantized (to x's dtype) when the batch needs it.
+
+    x [T, D]; w13 FP8BlockTensor [E, 2I, D] (gate rows, then up rows, parts 1 or 2); w2
+    FP8BlockTensor [E, D, I]; weights [T, K] fp32; ids [T, K] int64 (-1 skipped). Returns
+    [T, D] in x's dtype, equal to dequantizing every expert first, then `moe_reference`.
+    """
+    return _expert_loop(x, lambda e: (dequantize_fp8_block(w13.expert(e), x.dtype),
+                                      dequantize_fp8_block(w2.expert(e), x.dtype)), weights, ids)
+
+
+def _expert_loop(x: torch.Tensor, expert_weights, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The loop of the references: expert_weights(e) -> (w13 [2I, D], w2 [D, I]) of expert e."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    inter = w2.shape[-1]
     for expert in held_experts(ids):
         token, slot = (ids == expert).nonzero(as_tuple=True)
-        h = x[token] @ dequantize_fp4(fp4_expert(w13, expert), x.dtype).t()
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        y = h @ dequantize_fp4(fp4_expert(w2, expert), x.dtype).t()
+        w13, w2 = expert_weights(expert)
+        h = x[token] @ w13.t()
+        h = F.silu(h[:, :w2.shape[-1]]) * h[:, w2.shape[-1]:]
+        y = h @ w2.t()
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out.to(x.dtype)
+
+
+ExpertWeights = torch.Tensor | FP8BlockTensor | NVFP4Tensor | MXFP4Tensor  # a stacked [E, N, K] weight
+
+
+def dequantize_experts(w: ExpertWeights, dtype: torch.dtype) -> torch.Tensor:
+    """A stacked weight in any format -> dense [E, N, K] in dtype."""
+    if isinstance(w, FP8BlockTensor):
+        return dequantize_fp8_block(w, dtype)
+    if isinstance(w, (NVFP4Tensor, MXFP4Tensor)):
+        return dequantize_fp4(w, dtype)
+    return w.to(dtype)
 
 
 def held_experts(ids: torch.Tensor) -> list[int]:

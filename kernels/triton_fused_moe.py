@@ -1,28 +1,37 @@
-"""The fused MoE grouped GEMM with FP4 expert weights dequantized in registers.
+"""The fused MoE grouped GEMM for every expert weight format, dequantized in registers.
 
+Formats (`WeightFormat`): dense bf16 / fp16 / fp32 experts; DeepSeek's block FP8 (e4m3
+values, one fp32 scale per 128 x 128 block, `kernels.fp8`); NVFP4 and MXFP4 (`kernels.fp4`).
 Two kernels walk the blocks of `triton_align.moe_align_block_size` (BLOCK_M routed slots
-of one expert each) and read the packed weights straight from memory:
+of one expert each) and read the weights straight from memory:
 1. gate/up: for each slot, gate = x W_gate^T and up = x W_up^T over the same BLOCK_N
    columns, then silu(gate) * up in the epilogue -> h fp32 [T*K, I], row = slot.
-2. down: h W_down^T, times the global scale and the slot's routing weight -> y fp32
+2. down: h W_down^T, times the slot's routing weight (and the NVFP4 global scale) -> y fp32
    [T*K, D]; y.view(T, K, D).sum(1) then reduces the K slots of each token (a separate,
    deterministic reduction rather than atomics).
-A packed byte holds elements 2j (low nibble) and 2j+1 (high nibble) of a row (see
-`fp4`), so instead of interleaving the two nibbles in registers each K-step does two dots:
-the activations' even columns with the low nibbles, the odd columns with the high ones.
-The per-block scale multiplies the decoded e2m1 values (exact in bf16: at most 6
-significant bits); the per-matrix NVFP4 global scale factors out of the sum and is
-applied in the epilogue.
+Per K-step each format loads its own weight tile:
+- dense: the [BLOCK_K, BLOCK_N] tile as it is.
+- FP8: the e4m3 bytes decoded exactly to fp16 (value * 2^-8) by shifting their bits into
+  place, one dot, then the partial sum times each column's block scale (x 2^8): BLOCK_K
+  divides the block's 128 columns, so one K-step lies inside one scale column.
+- FP4: a packed byte holds elements 2j (low nibble) and 2j+1 (high nibble) of a row (see
+  `fp4`), so instead of interleaving the two nibbles in registers each K-step does two
+  dots: the activations' even columns with the low nibbles, the odd columns with the high
+  ones. The per-block scale multiplies the decoded e2m1 values (exact in bf16: at most 6
+  significant bits); the per-matrix NVFP4 global scale factors out of the sum and is
+  applied in the epilogue.
 
-Natively the dots take bf16 operands with fp32 accumulation. The Triton interpreter
-(TRITON_INTERPRET=1 when the kernels are imported) computes bf16 `tl.dot` wrongly, so
-interpreted launches take fp32 operands instead (the DOT_FP32 constexpr).
+Natively the dots take bf16 operands (fp16 for fp16 experts, fp32 for fp32 experts) with
+fp32 accumulation. The Triton interpreter (TRITON_INTERPRET=1 when the kernels are imported)
+computes bf16 `tl.dot` wrongly, so interpreted launches take fp32 operands instead (the
+DOT_FP32 constexpr).
 
 Legend: T = tokens, D = hidden, E = experts, I = expert intermediate, K = experts per token.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,9 +40,21 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .fp4 import MXFP4Tensor, NVFP4Tensor, dequantize_fp4
-from .moe_ref import moe_reference
+from .fp4 import MXFP4Tensor, NVFP4Tensor
+from .fp8 import FP8BlockTensor
+from .moe_ref import ExpertWeights, dequantize_experts, moe_reference
 from .triton_align import BlockAlignment, moe_align_block_size
+
+class WeightFormat(enum.IntEnum):
+    """The kernels' FORMAT constexpr (the _DENSE.. globals below are the same numbers)."""
+
+    DENSE = 0  # bf16 / fp16 / fp32 values
+    FP8 = 1  # e4m3 values, fp32 scale per block (DeepSeek)
+    NVFP4 = 2  # e2m1 pairs, e4m3 scale per 16, fp32 global scale
+    MXFP4 = 3  # e2m1 pairs, e8m0 scale per 32
+
+
+_DENSE, _FP8, _NVFP4, _MXFP4 = (tl.constexpr(int(f)) for f in WeightFormat)
 
 
 @triton.jit
@@ -47,6 +68,18 @@ def _e2m1_to_f32_over_2_14(code):
     code = code.to(tl.int32)
     bits = (((code & 7) << 9) | ((code & 8) << 12)).to(tl.uint16)
     return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e4m3_to_f16_over_2_8(byte):
+    """float8_e4m3fn bytes (as uint8) -> float16 value * 2^-8, exactly.
+
+    The same move for e4m3: exponent and mantissa (bits 0-6) go to fp16's bits 7-13, the
+    sign to bit 15. e4m3's bias (7) and subnormals then read as fp16's (bias 15), 2^8
+    smaller; the block scale undoes it. NaN (0x7f / 0xff) is not decoded.
+    """
+    byte = byte.to(tl.uint16)
+    return (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -67,11 +100,24 @@ def _e8m0_to_f32(byte):
 
 
 @triton.jit
+def _dot(acc, a, w, DOT_FP32: tl.constexpr):
+    """acc + a @ w, fp32 accumulation: fp32 operands (interpreter, or fp32 weights), fp16
+    operands for fp16 weights, bf16 otherwise."""
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif w.dtype == tl.float16:
+        acc = tl.dot(a.to(tl.float16), w, acc)
+    else:
+        acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+    return acc
+
+
+@triton.jit
 def _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr):
     """Weights of rows n [BLOCK_N], columns k0 .. k0+BLOCK_K, as two fp32 [BLOCK_K/2, BLOCK_N]
     tiles: even columns (low nibbles) and odd columns (high nibbles), times their block scale.
-    w_ptr/s_ptr point at the expert's packed uint8 [N, Kp/2] and scale bytes [N, Kp/GROUP]."""
+    w_ptr/s_ptr point at the matrix's packed uint8 [N, Kp/2] and scale bytes [N, Kp/GROUP]."""
     j = tl.arange(0, BLOCK_K // 2)
     byte = tl.load(w_ptr + n[None, :] * stride_wn + (k0 // 2 + j)[:, None],
                    mask=n_ok[None, :] & ((k0 + 2 * j) < K)[:, None], other=0)
@@ -89,18 +135,6 @@ def _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K, BLOCK_N: tl.co
 
 
 @triton.jit
-def _dot2(acc, a_even, a_odd, w_even, w_odd, DOT_FP32: tl.constexpr):
-    """acc += a_even @ w_even + a_odd @ w_odd, in fp32 (interpreter) or bf16 (native)."""
-    if DOT_FP32:
-        acc = tl.dot(a_even.to(tl.float32), w_even, acc, input_precision="ieee")
-        acc = tl.dot(a_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a_even.to(tl.bfloat16), w_even.to(tl.bfloat16), acc)
-        acc = tl.dot(a_odd.to(tl.bfloat16), w_odd.to(tl.bfloat16), acc)
-    return acc
-
-
-@triton.jit
 def _load_pair(a_ptr, rows, row_ok, stride_a, k0, K, BLOCK_K: tl.constexpr):
     """Even and odd columns k0 .. k0+BLOCK_K of rows `rows` of a row-major activation."""
     k = k0 + 2 * tl.arange(0, BLOCK_K // 2)
@@ -111,15 +145,57 @@ def _load_pair(a_ptr, rows, row_ok, stride_a, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _fp4_step(acc, a_ptr, rows, row_ok, stride_a, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + a[rows, k0:k0+BLOCK_K] @ W[n, k0:k0+BLOCK_K]^T, W in FP4."""
+    a_even, a_odd = _load_pair(a_ptr, rows, row_ok, stride_a, k0, K, BLOCK_K)
+    w_even, w_odd = _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K, BLOCK_N, BLOCK_K, GROUP, E8M0)
+    return _dot(_dot(acc, a_even, w_even, DOT_FP32), a_odd, w_odd, DOT_FP32)
+
+
+@triton.jit
+def _dense_step(acc, a_ptr, rows, row_ok, stride_a, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K,
+                BLOCK_K: tl.constexpr, FP8: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + a[rows, k0:k0+BLOCK_K] @ W[n, k0:k0+BLOCK_K]^T, W dense, or FP8
+    with fp32 scales [N/SCALE_N, K/SCALE_K] at s_ptr (SCALE_K a multiple of BLOCK_K)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + rows[:, None] * stride_a + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+    w = tl.load(w_ptr + n[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & (k < K)[:, None], other=0)
+    if FP8:
+        scale = tl.load(s_ptr + (n // SCALE_N) * stride_sn + k0 // SCALE_K, mask=n_ok, other=0.0) * 256.0
+        w = _e4m3_to_f16_over_2_8(w).to(tl.bfloat16)  # exact: 4 significant bits
+        acc += _dot(tl.zeros_like(acc), a, w, DOT_FP32) * scale[None, :]
+    else:
+        acc = _dot(acc, a, w, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _gemm_step(acc, a_ptr, rows, row_ok, stride_a, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+               SCALE_N: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One K-step of either GEMM in weight format FORMAT (GROUP: values per scale along K)."""
+    if FORMAT >= _NVFP4:
+        acc = _fp4_step(acc, a_ptr, rows, row_ok, stride_a, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K,
+                        BLOCK_N, BLOCK_K, GROUP, FORMAT == _MXFP4, DOT_FP32)
+    else:
+        acc = _dense_step(acc, a_ptr, rows, row_ok, stride_a, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, K,
+                          BLOCK_K, FORMAT == _FP8, SCALE_N, GROUP, DOT_FP32)
+    return acc
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, h_ptr, sorted_ptr, expert_ptr, used_ptr,
-                    D, I, num_slots, stride_x, stride_we, stride_wn, stride_se, stride_sn,
+                    D, I, num_slots, stride_x, stride_we, stride_wn, stride_se, stride_sn, up_scale_row,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, E8M0: tl.constexpr,
+                    BLOCK_K: tl.constexpr, FORMAT: tl.constexpr, GROUP: tl.constexpr, SCALE_N: tl.constexpr,
                     DOT_FP32: tl.constexpr):
     """h[slot, n] = silu(x[t] . gate_n) * (x[t] . up_n) for the BLOCK_M slots of block pid 0.
 
-    x [T, D] (fp32/bf16/fp16); w13 packed uint8 [E, 2I, Dp/2], scale [E, 2I, Dp/GROUP]
-    (float8_e4m3fn or e8m0 bytes), global scale fp32 [E] (NVFP4) or unused (MXFP4);
+    x [T, D] (fp32/bf16/fp16); w13 [E, 2I, D] in FORMAT (see `_Operand`), its up half's
+    scales from row up_scale_row of each expert's; global scale fp32 [E] (NVFP4) or unused;
     h fp32 [T*K, I]; sorted int32 [P], expert int32 [P/BLOCK_M], used int32 [1] (BlockAlignment).
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -133,15 +209,15 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, h_ptr, sorted_ptr, expert_ptr, 
     n_ok = n < I
     w_ptr += expert * stride_we
     s_ptr += expert * stride_se
+    w_up, s_up = w_ptr + I * stride_wn, s_ptr + up_scale_row * stride_sn
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        x_even, x_odd = _load_pair(x_ptr, token, slot_ok, stride_x, k0, D, BLOCK_K)
-        g_even, g_odd = _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, D, BLOCK_N, BLOCK_K, GROUP, E8M0)
-        gate = _dot2(gate, x_even, x_odd, g_even, g_odd, DOT_FP32)
-        u_even, u_odd = _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n + I, n_ok, k0, D, BLOCK_N, BLOCK_K, GROUP, E8M0)
-        up = _dot2(up, x_even, x_odd, u_even, u_odd, DOT_FP32)
-    if not E8M0:
+        gate = _gemm_step(gate, x_ptr, token, slot_ok, stride_x, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0,
+                          D, BLOCK_N, BLOCK_K, FORMAT, GROUP, SCALE_N, DOT_FP32)
+        up = _gemm_step(up, x_ptr, token, slot_ok, stride_x, w_up, s_up, stride_wn, stride_sn, n, n_ok, k0,
+                        D, BLOCK_N, BLOCK_K, FORMAT, GROUP, SCALE_N, DOT_FP32)
+    if FORMAT == _NVFP4:
         global_scale = tl.load(gs_ptr + expert)
         gate *= global_scale
         up *= global_scale
@@ -153,11 +229,11 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, h_ptr, sorted_ptr, expert_ptr, 
 def _down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, rw_ptr, y_ptr, sorted_ptr, expert_ptr, used_ptr,
                  I, D, num_slots, stride_we, stride_wn, stride_se, stride_sn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP: tl.constexpr, E8M0: tl.constexpr, DOT_FP32: tl.constexpr):
+                 FORMAT: tl.constexpr, GROUP: tl.constexpr, SCALE_N: tl.constexpr, DOT_FP32: tl.constexpr):
     """y[slot, n] = routing_weight[slot] * (h[slot] . down_n) for the BLOCK_M slots of block pid 0.
 
-    h fp32 [T*K, I]; w2 packed uint8 [E, D, Ip/2], scale [E, D, Ip/GROUP], global scale
-    fp32 [E] (NVFP4); routing weights fp32 [T*K]; y fp32 [T*K, D]; sorted/expert/used as above.
+    h fp32 [T*K, I]; w2 [E, D, I] in FORMAT, global scale fp32 [E] (NVFP4); routing weights
+    fp32 [T*K]; y fp32 [T*K, D]; sorted/expert/used as above.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(used_ptr):
@@ -171,19 +247,19 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, rw_ptr, y_ptr, sorted_ptr, expert_
     s_ptr += expert * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
-        h_even, h_odd = _load_pair(h_ptr, slot, slot_ok, I, k0, I, BLOCK_K)
-        w_even, w_odd = _fp4_tile(w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, I, BLOCK_N, BLOCK_K, GROUP, E8M0)
-        acc = _dot2(acc, h_even, h_odd, w_even, w_odd, DOT_FP32)
+        acc = _gemm_step(acc, h_ptr, slot, slot_ok, I, w_ptr, s_ptr, stride_wn, stride_sn, n, n_ok, k0, I,
+                         BLOCK_N, BLOCK_K, FORMAT, GROUP, SCALE_N, DOT_FP32)
     scale = tl.load(rw_ptr + slot, mask=slot_ok, other=0.0)[:, None]
-    if not E8M0:
+    if FORMAT == _NVFP4:
         scale *= tl.load(gs_ptr + expert)
     tl.store(y_ptr + slot[:, None] * D + n[None, :], acc * scale, mask=slot_ok[:, None] & n_ok[None, :])
 
 
 @dataclass(frozen=True)
 class FusedMoEConfig:
-    """Tile sizes. block_k is a multiple of 32 (both formats' scale blocks) and >= 32 so
-    each half-tile dot has K >= 16; block_m >= 16 for tl.dot."""
+    """Tile sizes. block_k is a multiple of 32 (both FP4 formats' scale blocks) and >= 32 so
+    each FP4 half-tile dot has K >= 16; block_m >= 16 for tl.dot. FP8 runs with
+    min(block_k, the FP8 block's columns) so that a K-step lies inside one scale column."""
 
     block_m: int = 16
     block_n: int = 64
@@ -196,8 +272,10 @@ class FusedMoEConfig:
 
 
 # Native tiles: the largest for which neither kernel spills registers when compiled for
-# sm_90 (ptxas, checked without a GPU); their speed is not yet measured on one.
+# sm_90 (ptxas -v, checked without a GPU); their speed is not yet measured on one. Dense and
+# FP8 tiles hold a value per register where FP4 holds two, so their decode tiles are half as deep.
 DECODE_CONFIG = FusedMoEConfig(block_m=16, block_n=64, block_k=128, num_warps=8)
+DENSE_DECODE_CONFIG = FusedMoEConfig(block_m=16, block_n=64, block_k=64, num_warps=8)
 PREFILL_CONFIG = FusedMoEConfig(block_m=64, block_n=64, block_k=64, num_warps=8)
 INTERPRETER_CONFIG = FusedMoEConfig(block_m=16, block_n=32, block_k=32, num_warps=1)
 
@@ -208,55 +286,102 @@ def interpreted() -> bool:
     return not isinstance(_gate_up_kernel, JITFunction)
 
 
-def default_config(num_slots: int) -> FusedMoEConfig:
+def default_config(num_slots: int, fmt: WeightFormat = WeightFormat.NVFP4) -> FusedMoEConfig:
     """Small tiles for the interpreter; natively 16-slot blocks up to 1024 routed slots
     (decode), 64 beyond (prefill)."""
     if interpreted():
         return INTERPRETER_CONFIG
-    return DECODE_CONFIG if num_slots <= 1024 else PREFILL_CONFIG
+    if num_slots > 1024:
+        return PREFILL_CONFIG
+    return DENSE_DECODE_CONFIG if fmt in (WeightFormat.DENSE, WeightFormat.FP8) else DECODE_CONFIG
 
 
-def _check_shapes(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tensor | MXFP4Tensor,
+class _Operand(NamedTuple):
+    """One stacked expert weight [E, N, K] as the kernels take it."""
+
+    weight: torch.Tensor  # dense [E, N, K]; FP8 bytes uint8 [E, N, K]; FP4 packed uint8 [E, N, Kp/2]
+    scale: torch.Tensor  # FP8 fp32 [E, N/SCALE_N, K/GROUP]; FP4 bytes uint8 [E, N, Kp/GROUP]; dense: unread
+    global_scale: torch.Tensor  # NVFP4 fp32 [E]; otherwise `scale`, never read
+    strides: tuple[int, int, int, int]  # weight expert and row, scale expert and row
+    format: WeightFormat
+    group: int  # values per scale along K (FP8: the block's columns)
+    scale_n: int  # rows per scale (FP8: the block's rows; 1 otherwise)
+    up_scale_row: int  # w13: the scale row where the up half's begin (dense: unused)
+    dot_fp32: bool  # fp32 dot operands: interpreted, or fp32 dense weights
+
+    @classmethod
+    def of(cls, w: ExpertWeights, inter: int) -> "_Operand":
+        """w, and for a w13 [E, 2I, D] its intermediate size I."""
+        if isinstance(w, FP8BlockTensor):
+            weight, scale = w.weight.contiguous().view(torch.uint8), w.scale_inv.contiguous()
+            up_row = scale.shape[1] // 2 if w.parts == 2 else inter // w.block[0]
+            fmt, group, scale_n = WeightFormat.FP8, w.block[1], w.block[0]
+        elif isinstance(w, (NVFP4Tensor, MXFP4Tensor)):
+            weight, scale = w.packed.contiguous(), w.scale.contiguous().view(torch.uint8)
+            up_row, group, scale_n = inter, w.block, 1
+            fmt = WeightFormat.NVFP4 if isinstance(w, NVFP4Tensor) else WeightFormat.MXFP4
+        else:
+            weight = scale = w.contiguous()
+            fmt, group, scale_n, up_row = WeightFormat.DENSE, 1, 1, 0
+        gs = w.global_scale.contiguous() if fmt is WeightFormat.NVFP4 else scale
+        return cls(weight, scale, gs, (weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1)), fmt,
+                   group, scale_n, up_row, interpreted() or weight.dtype == torch.float32)
+
+    def constexprs(self) -> dict:
+        return dict(FORMAT=int(self.format), GROUP=self.group, SCALE_N=self.scale_n, DOT_FP32=self.dot_fp32)
+
+
+def weight_format(w: ExpertWeights) -> WeightFormat:
+    """The format of a stacked expert weight; TypeError for anything else."""
+    if torch.is_tensor(w):
+        return WeightFormat.DENSE
+    for kind, fmt in ((FP8BlockTensor, WeightFormat.FP8), (NVFP4Tensor, WeightFormat.NVFP4),
+                      (MXFP4Tensor, WeightFormat.MXFP4)):
+        if isinstance(w, kind):
+            return fmt
+    raise TypeError(f"expert weights must be a tensor, FP8BlockTensor, NVFP4Tensor or MXFP4Tensor, "
+                    f"got {type(w).__name__}")
+
+
+def _check_shapes(x: torch.Tensor, w13: ExpertWeights, w2: ExpertWeights,
                   weights: torch.Tensor, ids: torch.Tensor) -> None:
-    if type(w13) is not type(w2) or not isinstance(w13, (NVFP4Tensor, MXFP4Tensor)):
-        raise TypeError(f"w13 and w2 must both be NVFP4Tensor or both MXFP4Tensor, got "
-                        f"{type(w13).__name__} and {type(w2).__name__}")
+    if weight_format(w13) is not weight_format(w2):
+        raise TypeError(f"w13 and w2 must be of one format (both tensors, FP8BlockTensor, NVFP4Tensor or "
+                        f"MXFP4Tensor), got {type(w13).__name__} and {type(w2).__name__}")
     if x.dim() != 2 or len(w13.shape) != 3 or len(w2.shape) != 3:
         raise ValueError(f"expected x [T, D], w13 [E, 2I, D], w2 [E, D, I]; got {list(x.shape)}, "
                          f"{list(w13.shape)}, {list(w2.shape)}")
     (e, two_i, d), inter = w13.shape, w13.shape[1] // 2
-    if two_i % 2 or d != x.shape[1] or w2.shape != (e, d, inter):
+    if two_i % 2 or d != x.shape[1] or tuple(w2.shape) != (e, d, inter):
         raise ValueError(f"shapes do not agree: x {list(x.shape)}, w13 {list(w13.shape)}, w2 {list(w2.shape)}")
     if weights.shape != ids.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
         raise ValueError(f"weights and ids must both be [T, K] with T = {x.shape[0]}, got "
                          f"{list(weights.shape)} and {list(ids.shape)}")
+    if torch.is_tensor(w13) and (not w13.is_floating_point() or w13.dtype != w2.dtype):
+        raise TypeError(f"dense experts must be one floating dtype, got {w13.dtype} and {w2.dtype}")
+    if isinstance(w13, FP8BlockTensor):
+        _check_fp8(w13, w2, inter)
 
 
-class _Operand(NamedTuple):
-    """An FP4 weight as the kernels take it."""
-
-    packed: torch.Tensor  # uint8 [E, N, Kp/2]
-    scale: torch.Tensor  # uint8 [E, N, Kp/GROUP]: e4m3 or e8m0 bytes
-    global_scale: torch.Tensor  # fp32 [E]; MXFP4 has none and passes its scale, never read
-    strides: tuple[int, int, int, int]  # packed expert and row, scale expert and row
-    group: int
-    e8m0: bool
-
-
-def _operand(w: NVFP4Tensor | MXFP4Tensor) -> _Operand:
-    packed, scale = w.packed.contiguous(), w.scale.contiguous().view(torch.uint8)
-    nv = isinstance(w, NVFP4Tensor)
-    return _Operand(packed, scale, w.global_scale.contiguous() if nv else scale,
-                    (packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1)), w.block, not nv)
+def _check_fp8(w13: FP8BlockTensor, w2: FP8BlockTensor, inter: int) -> None:
+    """The FP8 blocks the kernels can take: one block size, a power of two of at least 16
+    columns (a K-step of 16 to 128 columns lies inside one); w13's halves on their own block
+    rows (parts 2) or on a shared grid (I a multiple of the block's rows)."""
+    (bn, bk), parts_ok = w13.block, w13.parts == 2 or inter % w13.block[0] == 0
+    if w2.block != w13.block or w2.parts != 1 or not parts_ok or bk < 16 or bk & (bk - 1) or bn < 1:
+        raise ValueError(f"unsupported FP8 layout: w13 blocks {w13.block} in {w13.parts} part(s), w2 blocks "
+                         f"{w2.block} in {w2.parts} (need one power-of-two block of >= 16 columns, w2 in one "
+                         f"part, w13's gate and up on their own block rows)")
 
 
-def fused_moe_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tensor | MXFP4Tensor,
-                  weights: torch.Tensor, ids: torch.Tensor, config: FusedMoEConfig | None = None) -> torch.Tensor:
-    """Routed experts with FP4 weights: the fused twin of `fused_moe_fp4_reference`.
+def fused_moe(x: torch.Tensor, w13: ExpertWeights, w2: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor,
+              config: FusedMoEConfig | None = None) -> torch.Tensor:
+    """Routed experts in one format: the fused twin of `fused_moe_reference`.
 
     x [T, D] bf16/fp16/fp32; w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both
-    NVFP4Tensor or both MXFP4Tensor; weights [T, K] fp32 routing weights; ids [T, K] int
-    expert ids in [0, E) (not checked on the device). Returns [T, D] in x's dtype.
+    dense tensors of one dtype, both FP8BlockTensor, both NVFP4Tensor or both MXFP4Tensor;
+    weights [T, K] fp32 routing weights; ids [T, K] int expert ids in [0, E) (not checked
+    on the device). Returns [T, D] in x's dtype.
     No host synchronization: buffer sizes follow from the shapes alone.
     """
     _check_shapes(x, w13, w2, weights, ids)
@@ -264,27 +389,27 @@ def fused_moe_fp4(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tens
     inter, slots = two_i // 2, tokens * top_k
     if slots == 0:
         return torch.zeros_like(x)
-    cfg = config or default_config(slots)
+    cfg = config or default_config(slots, weight_format(w13))
+    block_k = min(cfg.block_k, w13.block[1]) if isinstance(w13, FP8BlockTensor) else cfg.block_k
     align: BlockAlignment = moe_align_block_size(ids, e, cfg.block_m)
     blocks = align.sorted_token_ids, align.expert_ids, align.num_tokens_post_padded
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = torch.empty((slots, inter), dtype=torch.float32, device=x.device)
     y = torch.empty((slots, d), dtype=torch.float32, device=x.device)
-    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=interpreted(),
-                 num_warps=cfg.num_warps)
-    up, down = _operand(w13), _operand(w2)
+    tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+    up, down = _Operand.of(w13, inter), _Operand.of(w2, inter)
     _gate_up_kernel[(align.expert_ids.numel(), triton.cdiv(inter, cfg.block_n))](
-        x, up.packed, up.scale, up.global_scale, h, *blocks, d, inter, slots, x.stride(0), *up.strides,
-        TOP_K=top_k, GROUP=up.group, E8M0=up.e8m0, **tiles)
+        x, up.weight, up.scale, up.global_scale, h, *blocks, d, inter, slots, x.stride(0), *up.strides,
+        up.up_scale_row, TOP_K=top_k, **up.constexprs(), **tiles)
     _down_kernel[(align.expert_ids.numel(), triton.cdiv(d, cfg.block_n))](
-        h, down.packed, down.scale, down.global_scale, weights.float().contiguous(), y, *blocks, inter, d, slots,
-        *down.strides, GROUP=down.group, E8M0=down.e8m0, **tiles)
+        h, down.weight, down.scale, down.global_scale, weights.float().contiguous(), y, *blocks, inter, d, slots,
+        *down.strides, **down.constexprs(), **tiles)
     return y.view(tokens, top_k, d).sum(dim=1).to(x.dtype)
 
 
-def fused_moe_fp4_reference(x: torch.Tensor, w13: NVFP4Tensor | MXFP4Tensor, w2: NVFP4Tensor | MXFP4Tensor,
-                            weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_reference(x: torch.Tensor, w13: ExpertWeights, w2: ExpertWeights,
+                        weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The spec: dequantize the weights to x's dtype, then the per-expert loop `moe_reference`.
-    Same arguments and result as `fused_moe_fp4`."""
+    Same arguments and result as `fused_moe`."""
     _check_shapes(x, w13, w2, weights, ids)
-    return moe_reference(x, dequantize_fp4(w13, x.dtype), dequantize_fp4(w2, x.dtype), weights, ids)
+    return moe_reference(x, dequantize_experts(w13, x.dtype), dequantize_experts(w2, x.dtype), weights, ids)
