@@ -12,7 +12,7 @@ value the host computed while it was made, so:
 - attention reads the lengths from that buffer (`GraphAttention`), never from host ints;
   FlashInfer is planned outside the graph before each replay;
 - nothing in the recorded region may wait for the device: the routed experts must run in
-  the Triton FP4 MoE, which sizes its buffers from shapes alone (`capture_blocker`).
+  the fused Triton MoE, which sizes its buffers from shapes alone (`capture_blocker`).
 Steps with a prefill chunk, or more sequences than the largest recorded size, run eagerly.
 
 Recording sits behind `DecodeGraph`: `CudaGraph` on a GPU, `EagerGraph` (a replay reruns
@@ -36,7 +36,7 @@ import torch
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.attention.base import GraphDecodeAttention
 from engine.model import DeepseekV3ForCausalLM
-from engine.model.fp4_experts import TritonFP4MoE
+from engine.model.moe_backends import TritonMoE
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +202,11 @@ class GraphAttention(AttentionBackend):
 def capture_blocker(model: DeepseekV3ForCausalLM) -> str | None:
     """Why a CUDA graph cannot record the model's decode forward, or None if it can."""
     for experts in model.routed_experts():
-        if not isinstance(experts.fp4, TritonFP4MoE):
-            return ("the routed experts are not FP4 on CUDA, so they run the per-expert torch MoE "
+        if not isinstance(experts.backend, TritonMoE):
+            return ("the routed experts are not on CUDA, so they run the per-expert torch MoE "
                     "(kernels.moe_ref), which loops over ids.unique().tolist(): a wait for the device "
-                    "and shapes set by each step's routing. Only the Triton FP4 MoE (--quantization "
-                    "nvfp4|mxfp4, or an NVFP4 checkpoint) sizes its work from shapes alone")
+                    "and shapes set by each step's routing. Only the fused Triton MoE sizes its work "
+                    "from shapes alone")
     return None
 
 

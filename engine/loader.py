@@ -1,14 +1,20 @@
 """Loading a DeepSeek-V3 checkpoint directory into `DeepseekV3ForCausalLM`.
 
 Reads safetensors (one file, or shards listed by `model.safetensors.index.json`), casts
-to the serving dtype, dequantizes DeepSeek's FP8 block format at load, stacks the
-per-expert tensors into the MoE layer's w13 / w2, and skips the multi-token-prediction
-layers (indices >= num_hidden_layers). Every failure is a `CheckpointError` that names
-the file or tensor at fault.
+to the serving dtype, stacks the per-expert tensors into the MoE layer's w13 / w2, and
+skips the multi-token-prediction layers (indices >= num_hidden_layers). Every failure is a
+`CheckpointError` that names the file or tensor at fault.
+
+DeepSeek's FP8 block format (e4m3 weights with a `weight_scale_inv` per 128 x 128 block):
+the routed experts stay FP8, values and scales copied as they are into the stacked layout
+(see `engine.model.fp8_experts`), so they take the memory of their FP8 form; every other
+linear is dequantized to the serving dtype here. `quantization="nvfp4" | "mxfp4"` turns the
+experts into FP4 instead.
 
 FP4 experts, two ways (see `engine.model.fp4_experts`):
 - `quantization="nvfp4" | "mxfp4"` quantizes the routed experts of a bf16 / fp32 / FP8
-  checkpoint once they are loaded, and keeps only the packed weights.
+  checkpoint as they are loaded (FP8 ones dequantized first), and keeps only the packed
+  weights.
 - An NVFP4 checkpoint as NVIDIA ModelOpt exports it (config.json `quantization_config`
   {"quant_method": "modelopt", "quant_algo": "NVFP4"}, or the same in hf_quant_config.json)
   has, per quantized linear `X`, `X.weight` uint8 [N, K/2], `X.weight_scale` float8_e4m3fn
@@ -87,7 +93,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu",
                moe_dispatch: str = "auto") -> DeepseekV3ForCausalLM:
     """attention "auto": the fast backend for the device ("cpu" on CPUs, "flashinfer" on CUDA where
     installed); "torch" is the reference.
-    quantization None, "nvfp4" or "mxfp4": the format of the routed experts (see above).
+    quantization None, "nvfp4" or "mxfp4": the format of the routed experts (see above; None keeps
+    an FP8 checkpoint's experts FP8 and a bf16 / fp32 one's in the serving dtype).
     parallel: this rank's place in a layout; only its part of each tensor is read (the counts
     of bytes read end up in `model.load_bytes`)."""
     quant = ExpertQuantization.parse(quantization)
@@ -160,7 +167,7 @@ class _Filler:
             tensor = tensor if shard is None else tensor.narrow(shard.dim, shard.start, shard.stop - shard.start)
         else:
             tensor = self._read(name, f, shard)
-        if name + "_scale_inv" in names:
+        if name + "_scale_inv" in names and target.dtype != torch.float8_e4m3fn:  # FP8 experts stay FP8
             offset = (0, 0) if shard is None else ((shard.start, 0) if shard.dim == 0 else (0, shard.start))
             tensor = fp8_block_dequantize(tensor, f.get_tensor(name + "_scale_inv"), self.cfg.weight_block_size, offset)
         if target.dim() == 0 and tensor.numel() == 1:

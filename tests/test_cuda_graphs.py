@@ -235,7 +235,7 @@ def test_padded_decode_attention_matches_the_reference():
 
 
 def test_the_per_expert_moe_blocks_recording(tmp_path):
-    """On CUDA, graphs need the experts in the Triton FP4 MoE; the reference MoE (dense or
+    """On CUDA, graphs need the experts in the fused Triton MoE; the reference MoE (dense or
     FP4 experts on the CPU) waits for the device, and the reason says so. A model without
     routed experts has nothing in the way."""
     path = make_checkpoint(tmp_path / "moe", PLAIN_ONE_GROUP, seed=1)

@@ -22,9 +22,11 @@ from engine.checkpoint import random_weights, to_fp8_checkpoint, to_modelopt_nvf
 from engine.demo import DEMO_CONFIG
 from engine.loader import load_model
 from engine.model import CheckpointError
-from engine.model.fp4_experts import ExpertQuantization, QuantizingExpertSlots, TorchFP4MoE
+from engine.model.fp4_experts import ExpertQuantization, QuantizingExpertSlots
+from engine.model.moe_backends import TorchMoE
 from helpers import LORA_YARN, contiguous_meta
 from kernels.fp4 import dequantize_fp4, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
+from kernels.fp8 import dequantize_fp8_block
 from kernels.moe_ref import grouped_topk, moe_reference, moe_reference_fp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +50,8 @@ def dequantized_twin(path: Path, fp4_model, dtype: str = "float32"):
     dequantized to the serving dtype."""
     twin = load_model(path, dtype, progress=False)
     for dense, fp4 in zip(twin.routed_experts(), fp4_model.routed_experts()):
-        dense.w13.copy_(dequantize_fp4(fp4.fp4.w13, dense.w13.dtype))
-        dense.w2.copy_(dequantize_fp4(fp4.fp4.w2, dense.w2.dtype))
+        dense.w13.copy_(dequantize_fp4(fp4.backend.w13, dense.w13.dtype))
+        dense.w2.copy_(dequantize_fp4(fp4.backend.w2, dense.w2.dtype))
         dense.dense = None  # the per-expert loop, like the FP4 reference
     return twin
 
@@ -86,7 +88,7 @@ def test_experts_quantized_at_load_match_their_dequantized_twin(checkpoint, quan
     path, _ = checkpoint
     model = load_model(path, "float32", progress=False, quantization=quantization)
     experts = model.model.layers[1].mlp.experts
-    assert experts.w13 is None and experts.w2 is None and isinstance(experts.fp4, TorchFP4MoE)
+    assert experts.w13 is None and experts.w2 is None and isinstance(experts.backend, TorchMoE)
     assert not any("experts.w13" in n or "experts.w2" in n for n, _ in model.named_parameters())
     out = prefill_then_decode_logits(model)
     ref = prefill_then_decode_logits(dequantized_twin(path, model))
@@ -112,7 +114,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_weights_and_holds
     dense = load_model(path, "float32", progress=False)
     quant = ExpertQuantization(quantization)
     for d, q in zip(dense.routed_experts(), fp4.routed_experts(), strict=True):
-        for want, got in ((quant.quantize(d.w13), q.fp4.w13), (quant.quantize(d.w2), q.fp4.w2)):
+        for want, got in ((quant.quantize(d.w13), q.backend.w13), (quant.quantize(d.w2), q.backend.w2)):
             assert torch.equal(got.packed, want.packed)
             assert torch.equal(got.scale.view(torch.uint8), want.scale.view(torch.uint8))
             assert torch.equal(getattr(got, "global_scale", torch.ones(())), getattr(want, "global_scale", torch.ones(())))
@@ -124,7 +126,7 @@ def test_bf16_experts_quantized_at_load_keep_a_quarter_of_the_bytes_and_no_dense
     dense, fp4 = load_model(path, "bfloat16", progress=False), load_model(path, "bfloat16", progress=False,
                                                                          quantization="nvfp4")
     for d, q in zip(dense.routed_experts(), fp4.routed_experts()):
-        assert q.dense is None and q.fp4.w13.packed.dtype == torch.uint8
+        assert q.dense is None and q.backend.w13.packed.dtype == torch.uint8
         assert q.nbytes() < 0.29 * d.nbytes()  # 4.5 bits per value (scale included) against 16
     assert torch.isfinite(prefill_then_decode_logits(fp4)).all()
 
@@ -132,10 +134,10 @@ def test_bf16_experts_quantized_at_load_keep_a_quarter_of_the_bytes_and_no_dense
 def test_fp8_checkpoint_experts_quantize_to_nvfp4_of_the_dequantized_weights(tmp_path):
     fp8_cfg, fp8_tensors = to_fp8_checkpoint(LORA_YARN, random_weights(LORA_YARN, seed=5))
     path = write_checkpoint(tmp_path, fp8_cfg, fp8_tensors)
-    dense = load_model(path, "float32", progress=False)
+    fp8 = load_model(path, "float32", progress=False)  # experts stay FP8
     fp4 = load_model(path, "float32", progress=False, quantization="nvfp4")
-    want = quantize_nvfp4(dense.routed_experts()[0].w13[3])
-    assert torch.equal(fp4.routed_experts()[0].fp4.w13.packed[3], want.packed)
+    want = quantize_nvfp4(dequantize_fp8_block(fp8.routed_experts()[0].backend.w13.expert(3)))
+    assert torch.equal(fp4.routed_experts()[0].backend.w13.packed[3], want.packed)
 
 
 # --- pre-quantized NVFP4 checkpoints (ModelOpt layout) -------------------------------------
@@ -149,10 +151,10 @@ def test_modelopt_nvfp4_checkpoint_round_trip_equals_quantizing_at_load(checkpoi
     assert nvfp4[EXPERTS + "3.up_proj.weight_scale_2"].shape == ()
     loaded = load_model(write_checkpoint(tmp_path, cfg, nvfp4), "float32", progress=False)
     at_load = load_model(path, "float32", progress=False, quantization="nvfp4")
-    bf16_bytes = lambda e: (e.fp4.w13.shape[0] * (e.fp4.w13.shape[1] * e.fp4.w13.shape[2]  # noqa: E731
-                                                  + e.fp4.w2.shape[1] * e.fp4.w2.shape[2]) * 2)
+    bf16_bytes = lambda e: (e.backend.w13.shape[0] * (e.backend.w13.shape[1] * e.backend.w13.shape[2]  # noqa: E731
+                                                      + e.backend.w2.shape[1] * e.backend.w2.shape[2]) * 2)
     for experts in loaded.routed_experts():
-        assert experts.w13 is None and experts.fp4.w13.packed.dtype == torch.uint8
+        assert experts.w13 is None and experts.backend.w13.packed.dtype == torch.uint8
         assert 0.25 <= experts.nbytes() / bf16_bytes(experts) < 0.29
     assert torch.equal(prefill_then_decode_logits(loaded), prefill_then_decode_logits(at_load))
 
@@ -203,12 +205,12 @@ def test_expert_whose_gate_and_up_scales_differ_is_requantized_with_one_global_s
     assert gate.global_scale != q.global_scale
     experts = load_model(write_checkpoint(tmp_path, cfg, nvfp4), "float32", progress=False).routed_experts()[0]
     want = torch.cat([dequantize_nvfp4(gate), dequantize_nvfp4(q)])
-    assert experts.fp4.w13.global_scale[2] == quantize_nvfp4(want).global_scale
-    got = dequantize_nvfp4(experts.fp4.w13)[2]
+    assert experts.backend.w13.global_scale[2] == quantize_nvfp4(want).global_scale
+    got = dequantize_nvfp4(experts.backend.w13)[2]
     assert torch.equal(got[32:], want[32:])  # up sets the common scale: its values stay exact
     assert (got[:32] - want[:32]).abs().max() <= 0.1 * want[:32].abs().max()  # gate: one more rounding
     untouched = quantized_as_in(nvfp4, EXPERTS + "1.gate_proj.weight", (32, 64))
-    assert torch.equal(dequantize_nvfp4(experts.fp4.w13)[1, :32], dequantize_nvfp4(untouched))
+    assert torch.equal(dequantize_nvfp4(experts.backend.w13)[1, :32], dequantize_nvfp4(untouched))
 
 
 # --- quality: NVFP4 against the unquantized model ------------------------------------------
@@ -283,7 +285,7 @@ def test_nvfp4_checkpoint_cannot_be_requantized_to_mxfp4(checkpoint, tmp_path):
     path = write_checkpoint(tmp_path, cfg, nvfp4)
     with pytest.raises(CheckpointError, match="experts are NVFP4 already; --quantization mxfp4 cannot apply"):
         load_model(path, "float32", progress=False, quantization="mxfp4")
-    assert load_model(path, "float32", progress=False, quantization="nvfp4").routed_experts()[0].fp4 is not None
+    assert load_model(path, "float32", progress=False, quantization="nvfp4").routed_experts()[0].backend is not None
 
 
 def test_quantization_names_parse_once():
@@ -294,11 +296,11 @@ def test_quantization_names_parse_once():
 
 # --- CUDA: the Triton backend in the model -------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton FP4 MoE backend)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused Triton MoE backend)")
 def test_cuda_model_runs_the_fused_kernel_and_matches_the_cpu_reference(checkpoint):
-    from engine.model.fp4_experts import TritonFP4MoE
+    from engine.model.moe_backends import TritonMoE
     gpu = load_model(checkpoint[0], "bfloat16", device="cuda", attention="torch", progress=False, quantization="nvfp4")
     cpu = load_model(checkpoint[0], "bfloat16", attention="torch", progress=False, quantization="nvfp4")
-    assert isinstance(gpu.routed_experts()[0].fp4, TritonFP4MoE)
+    assert isinstance(gpu.routed_experts()[0].backend, TritonMoE)
     out, ref = prefill_then_decode_logits(gpu).cpu(), prefill_then_decode_logits(cpu)
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()

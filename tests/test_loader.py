@@ -41,7 +41,8 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
 
 def test_fp8_block_checkpoint_matches_its_dequantized_reference(tmp_path):
     """Weights shaped off the 128 grid (O, I not multiples of 128) go through the block
-    format and load to exactly the dequantized weights."""
+    format: the routed experts stay FP8 (dequantized per routed expert to the same values),
+    every other linear loads to exactly the dequantized weights."""
     cfg = dict(LORA_YARN, hidden_size=160, moe_intermediate_size=72)
     fp8_cfg, fp8_tensors = to_fp8_checkpoint(cfg, random_weights(cfg, seed=3))
     assert fp8_tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
@@ -52,7 +53,9 @@ def test_fp8_block_checkpoint_matches_its_dequantized_reference(tmp_path):
             dequantized[name] = fp8_block_dequantize(t, fp8_tensors[name + "_scale_inv"])
     fp8 = load_model(write_checkpoint(tmp_path / "fp8", fp8_cfg, fp8_tensors), "float32", progress=False)
     ref = load_model(write_checkpoint(tmp_path / "deq", cfg, dequantized), "float32", progress=False)
-    assert fp8.model.layers[1].mlp.experts.w13.dtype == torch.float32
+    experts = fp8.model.layers[1].mlp.experts
+    assert experts.w13 is None and experts.backend.w13.weight.dtype == torch.float8_e4m3fn
+    assert fp8.model.layers[1].mlp.shared_experts.down_proj.weight.dtype == torch.float32
     torch.testing.assert_close(prefill_logits(fp8, PROMPTS), prefill_logits(ref, PROMPTS), atol=1e-5, rtol=0)
 
 

@@ -128,8 +128,8 @@ def test_each_rank_reads_only_its_share_of_the_expert_bytes(checkpoints, tp, dp,
 
 
 def fp8_checkpoint(path, cfg: dict, block: int = 16):
-    """DeepSeek's FP8 format with 16 x 16 blocks, so that a TP rank's slice starts inside a
-    block row and column of the scales."""
+    """DeepSeek's FP8 format with 16 x 16 blocks, so that a TP rank's slice of the dequantized
+    linears (attention heads, the dense MLP) starts inside a block row and column of the scales."""
     from engine.checkpoint import fp8_block_quantize, is_fp8_quantizable, random_weights, write_checkpoint
     tensors = {}
     for name, t in random_weights(cfg, seed=8).items():
@@ -142,9 +142,30 @@ def fp8_checkpoint(path, cfg: dict, block: int = 16):
 
 
 def test_fp8_checkpoint_sliced_at_load_matches_single_process(tmp_path):
-    path = fp8_checkpoint(tmp_path / "fp8", dict(LORA_YARN, moe_intermediate_size=48, intermediate_size=80))
+    """The routed experts stay FP8, each rank holding 32 of their 64 intermediate rows (two
+    whole scale blocks); the dense MLP (40 of 80 per rank) is dequantized from inside a block."""
+    path = fp8_checkpoint(tmp_path / "fp8", dict(LORA_YARN, moe_intermediate_size=64, intermediate_size=80))
     reference = {0: single_process_logits(path, 90)}
     assert_matches(run_ranks(rank_logits, 2, 1, False, (path, "auto", [90], [None])), reference)
+
+
+def test_fp8_experts_under_expert_parallelism_load_whole_and_match_single_process(tmp_path):
+    """Intermediate size 48 would split into 24 rows per rank, inside a 16-row block: whole
+    experts per rank need no split."""
+    path = fp8_checkpoint(tmp_path / "fp8", dict(LORA_YARN, moe_intermediate_size=48, intermediate_size=80))
+    reference = {0: single_process_logits(path, 92)}
+    assert_matches(run_ranks(rank_logits, 2, 1, True, (path, "alltoall", [92], [None])), reference)
+
+
+def test_fp8_experts_split_inside_a_scale_block_are_refused_naming_expert_parallelism(tmp_path):
+    from engine.model import CheckpointError
+    path = fp8_checkpoint(tmp_path / "fp8", dict(LORA_YARN, moe_intermediate_size=48))
+    with pytest.raises(CheckpointError, match="leave 24 of their intermediate size per rank, not a whole number "
+                                              "of the checkpoint's 16 x 16 scale blocks; use --enable-expert-parallel"):
+        load_model(path, dtype="float32", progress=False, parallel=layout_of_rank(0, 2, 1, False))
+    for rank in range(2):  # the same ranks with whole experts, or FP4 experts, load
+        load_model(path, dtype="float32", progress=False, parallel=layout_of_rank(rank, 2, 1, True))
+    load_model(path, dtype="float32", progress=False, parallel=layout_of_rank(1, 2, 1, False), quantization="nvfp4")
 
 
 def test_nvfp4_checkpoint_experts_sliced_packed_at_load_match_single_process(tmp_path):

@@ -103,6 +103,11 @@ class ModelConfig:
         return self.quant_method == "modelopt"
 
     @property
+    def fp8_checkpoint(self) -> bool:
+        """Whether the checkpoint's linear layers are DeepSeek's block FP8 (`weight_scale_inv`)."""
+        return self.quant_method == "fp8"
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

@@ -1,15 +1,10 @@
-"""Routed experts held in FP4: the formats, and the MoE backends that compute with them.
+"""Routed experts held in FP4: the formats `--quantization` asks for, and the loader slots
+that fill them (from an NVFP4 checkpoint, or quantizing a dense / FP8 one as it loads).
 
 Only the routed experts are quantized (they are ~97% of DeepSeek-R1's weights); attention,
 dense layers, shared experts, router and head stay in the serving dtype. Weights are FP4
 only: activations stay in the serving dtype (no FP4 activations, so a checkpoint's
-`input_scale` has no use here).
-
-Two backends behind `FP4MoE`, chosen by the device the weights live on:
-- CPU: `kernels.moe_ref.moe_reference_fp4`, a per-expert loop that dequantizes only the
-  experts a batch routes to; the packed weights are all that stays resident.
-- CUDA: `kernels.triton_fused_moe.fused_moe_fp4`, imported lazily so that a CPU process
-  never imports Triton.
+`input_scale` has no use here). `moe_backends` computes with them.
 
 Legend: T = tokens, D = hidden, E = experts, I = expert intermediate, K = experts per token.
 """
@@ -18,13 +13,11 @@ from __future__ import annotations
 
 import enum
 import logging
-from abc import ABC, abstractmethod
 from typing import Any, NamedTuple
 
 import torch
 
 from kernels.fp4 import NVFP4_BLOCK, MXFP4Tensor, NVFP4Tensor, dequantize_nvfp4, quantize_mxfp4, quantize_nvfp4
-from kernels.moe_ref import moe_reference_fp4
 
 from .config import CheckpointError
 
@@ -67,59 +60,6 @@ def stack_experts(parts: list[FP4Tensor]) -> FP4Tensor:
     if isinstance(parts[0], NVFP4Tensor):
         return NVFP4Tensor(packed, scale, torch.stack([p.global_scale for p in parts]), shape)
     return MXFP4Tensor(packed, scale, shape)
-
-
-def fp4_nbytes(w: FP4Tensor) -> int:
-    """Bytes resident for an FP4 weight: packed values, block scales, global scales."""
-    tensors = [w.packed, w.scale] + ([w.global_scale] if isinstance(w, NVFP4Tensor) else [])
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class FP4MoE(ABC):
-    """Routed experts computed from FP4 weights.
-
-    Owns w13 [E, 2I, D] (gate rows, then up rows) and w2 [E, D, I], both NVFP4Tensor or both
-    MXFP4Tensor, on one device; they are read-only once the backend is built. Calls are not
-    thread-safe (the engine runs one step at a time).
-    """
-
-    def __init__(self, w13: FP4Tensor, w2: FP4Tensor) -> None:
-        self.w13, self.w2 = w13, w2
-
-    @abstractmethod
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D]; weights [T, K] fp32; ids [T, K] int64 -> [T, D] in x's dtype:
-        sum over k of weights[t, k] * down(silu(gate(x)) * up(x)) with expert ids[t, k];
-        an id of -1 (an expert another rank holds) adds nothing."""
-
-    def nbytes(self) -> int:
-        return fp4_nbytes(self.w13) + fp4_nbytes(self.w2)
-
-
-class TorchFP4MoE(FP4MoE):
-    """The reference (and the CPU backend): per routed expert, dequantize and multiply."""
-
-    def __call__(self, x, weights, ids):
-        return moe_reference_fp4(x, self.w13, self.w2, weights, ids)
-
-
-class TritonFP4MoE(FP4MoE):
-    """The fused grouped GEMM, FP4 weights dequantized in registers (CUDA)."""
-
-    def __init__(self, w13: FP4Tensor, w2: FP4Tensor) -> None:
-        super().__init__(w13, w2)
-        from kernels.triton_fused_moe import fused_moe_fp4
-        self._fused = fused_moe_fp4
-
-    def __call__(self, x, weights, ids):
-        held = ids >= 0  # an expert held elsewhere: routed to expert 0 with weight 0
-        return self._fused(x, self.w13, self.w2, weights * held, ids.clamp(min=0))
-
-
-def fp4_moe_for(w13: FP4Tensor, w2: FP4Tensor) -> FP4MoE:
-    """The backend for the device the weights live on: Triton on CUDA, the reference elsewhere."""
-    backend = TritonFP4MoE if w13.packed.device.type == "cuda" else TorchFP4MoE
-    return backend(w13, w2)
 
 
 class ExpertSlot(NamedTuple):

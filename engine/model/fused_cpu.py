@@ -3,7 +3,7 @@
 The decodes of a step (one new token per sequence, at most MAX_TOKENS of them) of a bf16
 model on the CPU run every layer in one C++ call that shares the model's own tensors: the
 prepacked GEMM weights, MLA's absorbed matrices, the routed experts' packed copies. The
-step's prefill chunks, and every step of a model it cannot take (no q LoRA, FP4 experts),
+step's prefill chunks, and every step of a model it cannot take (no q LoRA, FP4 or FP8 experts),
 go through the Python forward, the reference it is tested against. A mixed step runs as
 two forwards, its decodes fused and its chunks in Python: they are different sequences, so
 nothing in one depends on the other, and continuous batching keeps most steps mixed
@@ -37,7 +37,7 @@ def unsupported(model) -> str | None:
             return "weights are not prepacked (oneDNN)"
         experts = layer.mlp.experts if isinstance(layer.mlp, MoE) else None
         if experts is not None and (experts.dense is None or not isinstance(experts.dense.up, PackedWeight)):
-            return "routed experts are not dense bf16 (FP4)"
+            return "routed experts are not dense bf16 (FP4 or FP8)"
     return cpu_decode.disabled_reason()
 
 

@@ -4,7 +4,8 @@ Routed expert weights are stacked per layer so fused kernels can index them:
     w13 [E, 2I, D]  gate_proj rows then up_proj rows of each expert
     w2  [E, D, I]   down_proj of each expert
 The checkpoint's per-expert tensors are copied into these slices by the loader. With FP4
-experts (see `fp4_experts`) the same stacked layout is kept packed.
+experts (see `fp4_experts`) or a DeepSeek FP8 checkpoint's (see `fp8_experts`) the same
+stacked layout is kept quantized; `moe_backends` computes with any of them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from kernels.moe_cpu import DENSE_MAX_TOKENS, DenseExperts
 from kernels.moe_ref import grouped_topk, moe_reference
 
 from .config import ModelConfig
-from .fp4_experts import (ExpertQuantization, ExpertSlot, FP4MoE, NVFP4ExpertSlots, QuantizingExpertSlots,
-                          fp4_moe_for)
+from .fp4_experts import ExpertQuantization, ExpertSlot, NVFP4ExpertSlots, QuantizingExpertSlots
+from .fp8_experts import FP8ExpertSlots
 from .layers import MLP, Shard, empty_param
+from .moe_backends import MoEBackend, TritonMoE, moe_backend_for
 
 
 class Router(nn.Module):
@@ -42,12 +44,15 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts of one layer that this rank holds, in one of two forms:
-    - dense: parameters w13 / w2 in the serving dtype, the per-expert loop (or on a bf16 CPU
-      the dense small-batch path);
+    """The routed experts of one layer that this rank holds, in one of three forms:
+    - dense: parameters w13 / w2 in the serving dtype; on a bf16 CPU the dense small-batch
+      path, else the per-expert loop (CPU) or the fused Triton kernel (CUDA);
     - FP4: quantized at load (`quantization`) or loaded from an NVFP4 checkpoint
-      (`cfg.nvfp4_checkpoint`): w13 / w2 are None, the loader fills `staged`, and after
-      `finish_loading` `fp4`, an `FP4MoE` backend, holds the only (packed) copy.
+      (`cfg.nvfp4_checkpoint`);
+    - FP8: loaded as they are from a DeepSeek FP8 checkpoint (`cfg.fp8_checkpoint`) unless
+      `quantization` asks for FP4.
+    Quantized, w13 / w2 are None, the loader fills `staged`, and after `finish_loading`
+    `backend` (a `MoEBackend`) holds the only copy.
 
     Over several ranks (see engine.distributed.moe_dispatch): with expert parallelism this
     rank holds the whole experts `expert_ids`; without, the slice `inter_part` of every
@@ -73,37 +78,55 @@ class RoutedExperts(nn.Module):
             i //= world.size
             self.expert_ids, self.inter_part = range(e), range(world.rank * i, (world.rank + 1) * i)
         self.num_experts, self.full_inter = cfg.n_routed_experts, cfg.moe_intermediate_size
+        self.device = torch.device(device)
         self.dense: DenseExperts | None = None
-        self.fp4: FP4MoE | None = None
-        self.staged: NVFP4ExpertSlots | QuantizingExpertSlots | None = None
-        if cfg.nvfp4_checkpoint:
-            if len(self.inter_part) < self.full_inter and i % NVFP4_BLOCK:
-                raise ValueError(f"NVFP4 experts split over {world.size} ranks leave {i} of their intermediate "
-                                 f"size per rank, not a multiple of {NVFP4_BLOCK}; use --enable-expert-parallel")
+        self.backend: MoEBackend | None = None
+        self.staged = self._staging(cfg, e, i, d, dtype, quantization, world.size)
+        if self.staged is not None:
             self.w13 = self.w2 = None
-            self.staged = NVFP4ExpertSlots(e, i, d, device)
-        elif quantization is not None:
-            self.w13 = self.w2 = None
-            self.staged = QuantizingExpertSlots(e, i, d, dtype, device, quantization)
         else:
             self.w13 = empty_param(e, 2 * i, d, dtype=dtype, device=device)
             self.w2 = empty_param(e, d, i, dtype=dtype, device=device)
 
+    def _staging(self, cfg: ModelConfig, e: int, i: int, d: int, dtype: torch.dtype,
+                 quantization: ExpertQuantization | None, ranks: int):
+        """The loader slots of quantized experts, or None for dense ones. A tensor-parallel
+        slice of quantized experts must cover whole scale blocks."""
+        sliced = len(self.inter_part) < self.full_inter
+        if cfg.nvfp4_checkpoint:
+            if sliced and i % NVFP4_BLOCK:
+                raise ValueError(f"NVFP4 experts split over {ranks} ranks leave {i} of their intermediate "
+                                 f"size per rank, not a multiple of {NVFP4_BLOCK}; use --enable-expert-parallel")
+            return NVFP4ExpertSlots(e, i, d, self.device)
+        if quantization is not None:
+            return QuantizingExpertSlots(e, i, d, dtype, self.device, quantization)
+        if cfg.fp8_checkpoint:
+            bn, bk = cfg.weight_block_size
+            if sliced and (i % bn or i % bk):
+                raise ValueError(f"FP8 experts split over {ranks} ranks leave {i} of their intermediate size per "
+                                 f"rank, not a whole number of the checkpoint's {bn} x {bk} scale blocks; use "
+                                 "--enable-expert-parallel (or --quantization nvfp4)")
+            return FP8ExpertSlots(e, i, d, cfg.weight_block_size, self.device)
+        return None
+
     def use_dense_for_small_batches(self) -> None:
         """After loading: small batches compute every expert in two GEMMs (see moe_cpu).
-        Not for FP4 experts: it would need them dense."""
-        if self.fp4 is None:
+        Only for dense experts: FP4 / FP8 ones would need a dense copy."""
+        if self.w13 is not None:
             self.dense = DenseExperts(self.w13, self.w2)
 
     def finish_loading(self) -> None:
-        """After loading FP4 experts: the staged tensors become the FP4 backend."""
+        """After loading: quantized experts' staged tensors become their backend; on CUDA
+        dense experts run through the fused kernel too."""
         if self.staged is not None:
-            self.fp4, self.staged = fp4_moe_for(*self.staged.finish()), None
+            self.backend, self.staged = moe_backend_for(*self.staged.finish()), None
+        elif self.device.type == "cuda":
+            self.backend = TritonMoE(self.w13, self.w2)
 
     def nbytes(self) -> int:
         """Bytes of expert weights resident."""
-        if self.fp4 is not None:
-            return self.fp4.nbytes()
+        if self.w13 is None:
+            return self.backend.nbytes()
         return sum(w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     def expert_slots(self, e: int) -> dict[str, ExpertSlot]:
@@ -131,10 +154,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D]; weights [T, K] fp32; ids [T, K] int64, local (-1: held elsewhere) -> [T, D]."""
-        if self.fp4 is not None:
-            return self.fp4(x, weights, ids)
         if self.dense is not None and x.shape[0] <= DENSE_MAX_TOKENS:
             return self.dense(x, weights, ids)
+        if self.backend is not None:
+            return self.backend(x, weights, ids)
         return moe_reference(x, self.w13, self.w2, weights, ids)
 
 
