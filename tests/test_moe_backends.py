@@ -1,5 +1,6 @@
 """The MoE layer's compute paths: a DeepSeek FP8 checkpoint's routed experts kept in FP8
-(values and block scales as stored), and the backend each device gets for every expert format.
+(values and block scales as stored), the backend each device gets for every expert format,
+and the router's grouped top-k (the Triton kernel on CUDA, the torch reference elsewhere).
 
 FP8 experts dequantize to exactly the values the loader used to produce, so the FP8 model
 is compared with the same checkpoint dequantized beforehand: within 1e-5 in fp32 serving,
@@ -18,6 +19,8 @@ import torch
 from engine.attention import MLAPath
 from engine.checkpoint import fp8_block_dequantize, random_weights, to_fp8_checkpoint, write_checkpoint
 from engine.loader import load_model
+from engine.model import ModelConfig
+from engine.model.moe import Router
 from engine.model.moe_backends import TorchMoE
 from helpers import LORA_YARN, contiguous_meta
 from kernels.fp8 import dequantize_fp8_block, quantize_fp8_block
@@ -104,9 +107,31 @@ def test_a_cpu_process_serving_fp8_experts_never_imports_triton(fp8_and_dequanti
     assert done.stdout.split("\n")[-2] == "[]"
 
 
+def test_router_on_the_cpu_runs_the_torch_reference():
+    router = Router(ModelConfig.from_dict(LORA_YARN), "cpu")
+    assert router.grouped_topk is grouped_topk
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels)")
+
+
+@needs_cuda
+def test_router_on_cuda_runs_the_triton_routing_kernel():
+    from kernels.triton_routing import triton_grouped_topk
+    cfg = ModelConfig.from_dict(LORA_YARN)
+    router = Router(cfg, "cuda")
+    assert router.grouped_topk is triton_grouped_topk
+    gen = torch.Generator().manual_seed(3)
+    router.weight.copy_(torch.randn(16, 64, generator=gen))
+    router.e_score_correction_bias.copy_(torch.rand(16, generator=gen) * 0.1)
+    x = torch.randn(9, 64, generator=gen)
+    weights, ids = router(x.cuda())
+    want_w, want_ids = grouped_topk(x @ router.weight.cpu().t(), router.e_score_correction_bias.cpu(), 4, 4, 2,
+                                    True, 2.5)
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(weights.cpu(), want_w, rtol=1e-5, atol=1e-6)
 
 
 @needs_cuda

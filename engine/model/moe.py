@@ -27,20 +27,26 @@ from .moe_backends import MoEBackend, TritonMoE, moe_backend_for
 
 
 class Router(nn.Module):
-    """The `gate`: router weight [E, D] and the aux-loss-free balancing bias [E], both fp32."""
+    """The `gate`: router weight [E, D] and the aux-loss-free balancing bias [E], both fp32.
+    Grouped top-k runs as one Triton kernel on CUDA (`kernels.triton_routing`, imported only
+    there), the torch reference it is tested against elsewhere."""
 
     def __init__(self, cfg: ModelConfig, device) -> None:
         super().__init__()
         self.cfg = cfg
         self.weight = empty_param(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32, device=device)
         self.e_score_correction_bias = empty_param(cfg.n_routed_experts, dtype=torch.float32, device=device)
+        self.grouped_topk = grouped_topk
+        if torch.device(device).type == "cuda":
+            from kernels.triton_routing import triton_grouped_topk
+            self.grouped_topk = triton_grouped_topk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] fp32, expert ids [T, K] int64)."""
         cfg = self.cfg
         logits = x.float() @ self.weight.t()
-        return grouped_topk(logits, self.e_score_correction_bias, cfg.num_experts_per_tok,
-                            cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        return self.grouped_topk(logits, self.e_score_correction_bias, cfg.num_experts_per_tok,
+                                 cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
 
 class RoutedExperts(nn.Module):
