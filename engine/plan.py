@@ -74,9 +74,32 @@ class FP4Format:
         padded = -(-cols // self.block) * self.block
         return rows * (padded // 2 + padded // self.block) + self.global_scale_bytes
 
+    def expert_bytes(self, inter: int, hidden: int) -> int:
+        """One expert: w13 [2I, D] and w2 [D, I]."""
+        return self.matrix_bytes(2 * inter, hidden) + self.matrix_bytes(hidden, inter)
+
 
 NVFP4 = FP4Format("nvfp4", 16, 4)  # e4m3 scale per 16, fp32 global scale (weight_scale_2)
 MXFP4 = FP4Format("mxfp4", 32, 0)  # e8m0 scale per 32 (OCP MX v1.0)
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    """DeepSeek's block FP8 as the engine keeps an FP8 checkpoint's routed experts
+    (kernels/fp8.py): one byte per value and one fp32 scale per `block` (rows x columns),
+    gate and up each on their own block rows."""
+
+    block: tuple[int, int]
+    name: str = "fp8"
+
+    def expert_bytes(self, inter: int, hidden: int) -> int:
+        """One expert: w13 [2I, D] (gate and up, I rows each) and w2 [D, I]."""
+        bn, bk = self.block
+        scales = 2 * -(-inter // bn) * -(-hidden // bk) + -(-hidden // bn) * -(-inter // bk)
+        return 3 * inter * hidden + 4 * scales
+
+
+ExpertFormat = FP4Format | FP8Format
 
 
 @dataclass(frozen=True)
@@ -87,7 +110,7 @@ class WeightBytes:
     mla_absorbed: int  # fp32 copies of kv_b_proj for the absorbed and naive forms (MLA.absorb_weights)
     dense_mlp: int
     shared_experts: int
-    routed_experts: int  # packed values, block scales and global scales when FP4
+    routed_experts: int  # packed values, block scales and global scales when FP4 or FP8
     router: int  # fp32 gate weight [E, D] and correction bias [E] per MoE layer
     embedding: int  # embedding, LM head and final norm
 
@@ -133,7 +156,7 @@ class Plan:
     cfg: ModelConfig
     layout: Layout
     dtype: str
-    expert_format: str  # the serving dtype, or the FP4 format the routed experts are held in
+    expert_format: str  # the serving dtype, or the format the routed experts are held in (fp8, nvfp4, mxfp4)
     memory_gib: float
     utilization: float
     weights: WeightBytes
@@ -178,7 +201,7 @@ class Plan:
     def _fix(self) -> str:
         if self.weights.total > self.budget:
             ranks = "add ranks (--tensor-parallel-size / --data-parallel-size)"
-            if self.expert_format != self.dtype:  # the experts are FP4 already
+            if self.expert_format in (NVFP4.name, MXFP4.name):  # the experts are FP4 already
                 return ranks
             return f"{ranks} or quantize the routed experts (--quantization nvfp4)"
         if self.kv_explicit:
@@ -203,20 +226,22 @@ def plan_layout(cfg: ModelConfig, layout: Layout, memory_gib: float, *, utilizat
                 kv_cache_gib: float | None = None) -> Plan:
     """The plan of `cfg` served on `layout`, with `memory_gib` GiB per device.
 
-    dtype: the serving dtype (FP8 checkpoints are dequantized to it); quantization: the
-    `--quantization` value (None, "nvfp4" or "mxfp4"; an NVFP4 checkpoint's experts are
-    NVFP4 regardless); max_model_len: None for the model's own; kv_cache_gib: the cache per rank,
+    dtype: the serving dtype (an FP8 checkpoint's linears other than the routed experts are
+    dequantized to it); quantization: the `--quantization` value (None, "nvfp4" or "mxfp4";
+    an NVFP4 checkpoint's experts are NVFP4 regardless, an FP8 checkpoint's stay FP8 unless
+    it asks for FP4); max_model_len: None for the model's own; kv_cache_gib: the cache per rank,
     default whatever the budget leaves after the weights.
     Raises CheckpointError naming the flag when an argument or the layout is invalid."""
     b = _check_args(cfg, memory_gib, utilization, dtype, max_model_len, kv_cache_gib)
     _check_layout(cfg, layout)
-    fp4 = _expert_format(cfg, quantization)
-    weights = weight_bytes(cfg, layout, b, fp4)
+    experts = _expert_format(cfg, quantization)
+    _check_expert_split(cfg, layout, experts)
+    weights = weight_bytes(cfg, layout, b, experts)
     per_token = cfg.num_hidden_layers * cfg.kv_cache_dim * b
     max_model_len = max_model_len or cfg.max_position_embeddings
     kv_budget = int(kv_cache_gib * GIB) if kv_cache_gib is not None else _budget(memory_gib, utilization) - weights.total
     kv_needed = int(kv_cache_gib * GIB) if kv_cache_gib is not None else max_model_len * per_token
-    return Plan(cfg, layout, dtype, fp4.name if fp4 else dtype, memory_gib, utilization, weights, per_token,
+    return Plan(cfg, layout, dtype, experts.name if experts else dtype, memory_gib, utilization, weights, per_token,
                 kv_budget, kv_needed, kv_cache_gib is not None, max_model_len, collectives(cfg, layout, b))
 
 
@@ -263,17 +288,33 @@ def _check_layout(cfg: ModelConfig, layout: Layout) -> None:
                               f"intermediate size {shared}")
 
 
-def _expert_format(cfg: ModelConfig, quantization: str | None) -> FP4Format | None:
+def _expert_format(cfg: ModelConfig, quantization: str | None) -> ExpertFormat | None:
+    """The routed experts' format as loaded; None: the serving dtype."""
     if cfg.nvfp4_checkpoint:
         return NVFP4
     from engine.model.fp4_experts import ExpertQuantization  # imports torch: only when asked
 
     q = ExpertQuantization.parse(quantization)
+    if q is None and cfg.fp8_checkpoint:
+        return FP8Format(cfg.weight_block_size)
     return {None: None, ExpertQuantization.NVFP4: NVFP4, ExpertQuantization.MXFP4: MXFP4}[q]
 
 
-def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, fp4: FP4Format | None) -> WeightBytes:
-    """Weight bytes on one rank of `layout`, values of `b` bytes, routed experts in `fp4` if given."""
+def _check_expert_split(cfg: ModelConfig, layout: Layout, experts: ExpertFormat | None) -> None:
+    """FP8 experts split along their intermediate size must keep whole scale blocks per rank
+    (as RoutedExperts requires)."""
+    inter = cfg.moe_intermediate_size // layout.world
+    if isinstance(experts, FP8Format) and not layout.ep and layout.world > 1 and (
+            inter % experts.block[0] or inter % experts.block[1]):
+        raise CheckpointError(f"FP8 experts split over {layout.world} ranks leave {inter} of their intermediate "
+                              f"size per rank, not a whole number of the checkpoint's {experts.block[0]} x "
+                              f"{experts.block[1]} scale blocks: use --enable-expert-parallel (or --quantization "
+                              f"nvfp4)")
+
+
+def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, experts: ExpertFormat | None) -> WeightBytes:
+    """Weight bytes on one rank of `layout`, values of `b` bytes, routed experts in `experts`
+    (None: the serving dtype)."""
     tp, d, k = layout.tp, cfg.hidden_size, cfg.first_k_dense_replace
     moe_layers = cfg.num_hidden_layers - k
     rows = -(-cfg.vocab_size // tp)
@@ -284,7 +325,7 @@ def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, fp4: FP4Format | None
         * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 4,
         dense_mlp=k * 3 * d * (cfg.intermediate_size // tp) * b,
         shared_experts=moe_layers * 3 * d * (cfg.moe_intermediate_size * cfg.n_shared_experts // tp) * b,
-        routed_experts=moe_layers * _routed_expert_bytes(cfg, layout, b, fp4),
+        routed_experts=moe_layers * _routed_expert_bytes(cfg, layout, b, experts),
         router=moe_layers * (cfg.n_routed_experts * d + cfg.n_routed_experts) * ROUTER_BYTES,
         embedding=(2 * rows * d + d) * b)
 
@@ -298,7 +339,7 @@ def _attention_values(cfg: ModelConfig, tp: int) -> int:
     return replicated + q_up + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) * c + d * h * cfg.v_head_dim
 
 
-def _routed_expert_bytes(cfg: ModelConfig, layout: Layout, b: int, fp4: FP4Format | None) -> int:
+def _routed_expert_bytes(cfg: ModelConfig, layout: Layout, b: int, fmt: ExpertFormat | None) -> int:
     """One MoE layer's routed experts on one rank: w13 [E_r, 2 I_r, D] and w2 [E_r, D, I_r]."""
     experts, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
     if layout.ep:
@@ -306,9 +347,9 @@ def _routed_expert_bytes(cfg: ModelConfig, layout: Layout, b: int, fp4: FP4Forma
     else:
         inter //= layout.world
     d = cfg.hidden_size
-    if fp4 is None:
+    if fmt is None:
         return experts * 3 * d * inter * b
-    return experts * (fp4.matrix_bytes(2 * inter, d) + fp4.matrix_bytes(d, inter))
+    return experts * fmt.expert_bytes(inter, d)
 
 
 def collectives(cfg: ModelConfig, layout: Layout, b: int) -> tuple[Collective, ...]:
@@ -340,7 +381,7 @@ def collectives(cfg: ModelConfig, layout: Layout, b: int) -> tuple[Collective, .
 def _header(plan: Plan) -> list[str]:
     c = plan.cfg
     k, experts = c.first_k_dense_replace, plan.expert_format
-    dequantized = " (the FP8 checkpoint dequantized at load)" if c.quant_method == "fp8" else ""
+    dequantized = " (FP8 checkpoint: the other linears dequantized at load)" if c.fp8_checkpoint else ""
     return [f"model: {c.num_hidden_layers} layers ({k} dense, {c.num_hidden_layers - k} MoE), "
             f"{c.n_routed_experts} routed experts (top {c.num_experts_per_tok}), hidden {c.hidden_size}, "
             f"vocab {c.vocab_size}",
@@ -392,9 +433,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-expert-parallel", action="store_true", help="whole routed experts per rank")
     # No argparse `choices`: an unknown value is bad input like any other (one error line, exit 2).
     p.add_argument("--quantization", default=None, metavar="{nvfp4,mxfp4}",
-                   help="routed experts quantized to FP4 at load (an NVFP4 checkpoint's are regardless)")
+                   help="routed experts quantized to FP4 at load (an NVFP4 checkpoint's are regardless; "
+                        "an FP8 checkpoint's stay FP8 without it)")
     p.add_argument("--dtype", default="bfloat16", metavar="{bfloat16,float16,float32}",
-                   help="the serving dtype (FP8 checkpoints are dequantized to it)")
+                   help="the serving dtype (an FP8 checkpoint's linears other than the routed experts "
+                        "are dequantized to it)")
     p.add_argument("--gpu-memory-gib", type=float, default=141.0, metavar="G", help="memory per device (H200: 141)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                    help="the share of G the weights and KV cache may take")

@@ -34,6 +34,9 @@ R1 = dict(
     quantization_config=dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
                              weight_block_size=[128, 128]))
 
+# The same model with bf16 weights (the FP8 release dequantized, as the bf16 conversions are).
+R1_BF16 = {k: v for k, v in R1.items() if k != "quantization_config"}
+
 # R1 by hand. Per layer, attention: replicated fused down-projection (1536 + 512 + 64) x 7168 and the norms
 # 1536 + 512 + 2 x 7168; per head q_b 192 x 1536, kv_b 256 x 512, o_proj 7168 x 128.
 R1_ATTN_REPLICATED = (1536 + 512 + 64) * 7168 + 1536 + 512 + 2 * 7168  # 15,155,200
@@ -42,6 +45,9 @@ R1_EXPERT = 3 * 7168 * 2048  # 44,040,192 weights: gate, up, down
 # One NVFP4 expert: w13 4096 x 7168 and w2 7168 x 2048, each row 1/2 byte per value + 1 scale byte per 16,
 # plus one fp32 global scale per matrix.
 R1_NVFP4_EXPERT = 4096 * (3584 + 448) + 4 + 7168 * (1024 + 128) + 4  # 24,772,616 bytes
+# One FP8 expert as the release stores it: a byte per weight, and an fp32 scale per 128 x 128 block: gate
+# and up 16 x 56 blocks each, down 56 x 16.
+R1_FP8_EXPERT = R1_EXPERT + 4 * (2 * 16 * 56 + 56 * 16)  # 44,050,944 bytes
 R1_KV_PER_TOKEN = 61 * (512 + 64) * 2  # 70,272 bytes in bf16
 
 
@@ -126,9 +132,9 @@ def test_one_rank_has_no_collectives(small):
     assert "none (one rank)" in plan.format()
 
 
-def test_r1_has_671b_parameters_without_its_mtp_layer(r1):
-    # fp32 serving makes bytes / 4 the parameter count (the router is fp32 anyway)
-    weights = plan_layout(r1, Layout(), 4000.0, dtype="float32").weights
+def test_r1_has_671b_parameters_without_its_mtp_layer():
+    # fp32 serving of the bf16 weights makes bytes / 4 the parameter count (the router is fp32 anyway)
+    weights = plan_layout(ModelConfig.from_dict(R1_BF16), Layout(), 4000.0, dtype="float32").weights
     params = (weights.total - weights.mla_absorbed) // 4
     attention = 61 * (R1_ATTN_REPLICATED + 128 * R1_ATTN_PER_HEAD)  # 11,414,421,504
     dense = 3 * 3 * 7168 * 18432  # 1,189,085,184
@@ -140,14 +146,43 @@ def test_r1_has_671b_parameters_without_its_mtp_layer(r1):
 
 
 @pytest.mark.parametrize("ep", [False, True])
-def test_r1_in_bf16_on_8_h200_is_refused(r1, ep):
-    plan = plan_layout(r1, Layout(tp=8, ep=ep), 141.0)
+def test_r1_in_bf16_on_8_h200_is_refused(ep):
+    plan = plan_layout(ModelConfig.from_dict(R1_BF16), Layout(tp=8, ep=ep), 141.0)
     assert plan.weights.routed_experts == 58 * 256 * R1_EXPERT // 8 * 2 == 163477192704  # 152.25 GiB alone
     assert plan.weights.total == r1_tp8_weights(163477192704)
     assert not plan.fits and plan.tokens_per_dp_rank == 0
     assert plan.reason.startswith("does not fit: weights 159.07 GiB + KV cache 10.72 GiB per rank exceed "
                                   "the budget 126.90 GiB")
     assert "--quantization nvfp4" in plan.reason
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_r1_as_released_in_fp8_on_8_h200_fits_with_its_experts_kept_fp8(r1, ep):
+    """The FP8 checkpoint's experts stay FP8: 32 whole experts per rank with EP, or an eighth (256 rows,
+    two whole 128-row blocks) of all 256 without; the same bytes either way."""
+    plan = plan_layout(r1, Layout(tp=8, ep=ep), 141.0)
+    assert plan.expert_format == "fp8"
+    assert plan.weights.routed_experts == 58 * 32 * R1_FP8_EXPERT == 81758552064  # 76.14 GiB
+    without_ep = 58 * 256 * (3 * 7168 * 256 + 4 * (2 * 2 * 56 + 56 * 2))  # 2 of 16 block rows / columns each
+    assert without_ep == 81758552064
+    weights = r1_tp8_weights(81758552064)
+    assert plan.weights.total == weights == 89078374400  # 82.96 GiB
+    budget = int(141 * 0.9 * GIB)
+    assert plan.tokens_per_dp_rank == (budget - weights) // 70272 == 671383
+    assert plan.fits and "FP8 checkpoint: the other linears dequantized at load" in plan.format()
+    # on 8 x H100 it does not fit, and the way out is FP4 experts
+    h100 = plan_layout(r1, Layout(tp=8, ep=ep), 80.0)
+    assert not h100.fits and "--quantization nvfp4" in h100.reason
+    assert plan_layout(r1, Layout(tp=8, ep=ep), 141.0, quantization="nvfp4").expert_format == "nvfp4"
+
+
+def test_fp8_experts_split_inside_a_scale_block_are_refused(r1):
+    with pytest.raises(CheckpointError, match="FP8 experts split over 32 ranks leave 64 of their intermediate size "
+                                              "per rank, not a whole number of .* 128 x 128 scale blocks: use "
+                                              "--enable-expert-parallel"):
+        plan_layout(r1, Layout(tp=32), 141.0)
+    assert plan_layout(r1, Layout(tp=32, ep=True), 141.0).expert_format == "fp8"
+    assert plan_layout(r1, Layout(tp=32), 141.0, quantization="nvfp4").expert_format == "nvfp4"
 
 
 def test_r1_with_nvfp4_experts_on_8_h200_tp8_ep_fits(r1):
@@ -238,8 +273,9 @@ def test_run_plan_prints_the_table_and_returns_the_verdict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "routed experts                 42.82" in out and "1,180,556 tokens per DP rank" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: fits")
-    # a config.json path works as well as its directory
-    assert plan_cli("--model", str(model / "config.json"), "--tensor-parallel-size", "8") == 1
+    # a config.json path works as well as its directory; FP8 experts (82.96 GiB per rank) do not fit 8 x H100
+    assert plan_cli("--model", str(model / "config.json"), "--tensor-parallel-size", "8", "--gpu-memory-gib",
+                    "80") == 1
     assert "verdict: does not fit" in capsys.readouterr().out
 
 
@@ -273,7 +309,7 @@ def test_python_m_engine_plan_exit_codes(tmp_path):
 
     fits = cli("--tensor-parallel-size", "8", "--enable-expert-parallel", "--quantization", "nvfp4")
     assert fits.returncode == 0 and "verdict: fits" in fits.stdout
-    refused = cli("--tensor-parallel-size", "8", "--enable-expert-parallel")
+    refused = cli("--tensor-parallel-size", "8", "--enable-expert-parallel", "--gpu-memory-gib", "80")
     assert refused.returncode == 1 and "verdict: does not fit" in refused.stdout
     bad = cli("--tensor-parallel-size", "3")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --tensor-parallel-size 3")
