@@ -10,7 +10,8 @@ value the host computed while it was made, so:
 - every per-step input (token ids, positions, cache slots, lengths, block tables) lives in
   a fixed buffer (`StaticInputs`) that the step copies into before the replay;
 - attention reads the lengths from that buffer (`GraphAttention`), never from host ints;
-  FlashInfer is planned outside the graph before each replay;
+  FlashInfer is planned outside the graph before each replay; an FP8 cache is written
+  (quantized) by the same scatter and read (dequantized) by the padded torch attention;
 - nothing in the recorded region may wait for the device: the routed experts must run in
   the fused Triton MoE, which sizes its buffers from shapes alone (`capture_blocker`).
 Steps with a prefill chunk, or more sequences than the largest recorded size, run eagerly.
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
-from engine.attention.base import GraphDecodeAttention
+from engine.attention.base import GraphDecodeAttention, dequantize_kv
 from engine.model import DeepseekV3ForCausalLM
 from engine.model.moe_backends import TritonMoE
 
@@ -143,16 +144,19 @@ class StaticInputs:
 
 
 def padded_decode_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            kv_scale: float = 1.0) -> torch.Tensor:
     """Absorbed decode attention with no shape set by the lengths, so a graph can record it:
     every sequence's whole block-table row is gathered and positions at or past its length
     are masked. The slow twin is `TorchAttention.absorbed` (fp32 likewise).
 
-    q_latent [P, H, Ckv]; q_pe [P, H, R]; cache [N, B, C]; block_tables [P, M] int32 (valid
-    block ids throughout); seq_lens [P] int64 (>= 1). Returns [P, H, Ckv] in q_latent's dtype.
+    q_latent [P, H, Ckv]; q_pe [P, H, R]; cache [N, B, C] (model dtype, or FP8 holding values
+    / kv_scale); block_tables [P, M] int32 (valid block ids throughout); seq_lens [P] int64
+    (>= 1). Returns [P, H, Ckv] in q_latent's dtype.
     """
     size, blocks = block_tables.shape
-    ctx = cache.index_select(0, block_tables.flatten().long()).view(size, -1, cache.shape[-1]).float()  # [P, L, C]
+    ctx = cache.index_select(0, block_tables.flatten().long()).view(size, -1, cache.shape[-1])
+    ctx = dequantize_kv(ctx, kv_scale, torch.float32)  # [P, L, C]
     q = torch.cat((q_latent, q_pe), dim=-1).float() * scale  # [P, H, C]
     scores = torch.bmm(q, ctx.transpose(1, 2))  # [P, H, L]
     past_end = torch.arange(ctx.shape[1], device=ctx.device)[None, :] >= seq_lens[:, None]  # [P, L]
@@ -170,7 +174,7 @@ class GraphAttention(AttentionBackend):
     """
 
     def __init__(self, inner: AttentionBackend, native: GraphDecodeAttention | None) -> None:
-        self.inner, self.native, self.name = inner, native, inner.name
+        self.inner, self.native, self.name, self.kv_scale = inner, native, inner.name, inner.kv_scale
 
     def prepare(self, batch: DecodeBatch) -> None:
         """Outside the recording: plans the padded batch about to be recorded or replayed."""
@@ -191,7 +195,8 @@ class GraphAttention(AttentionBackend):
             return self.inner.absorbed(q_latent, q_pe, cache, meta, scale)
         if self.native is not None:
             return self.native.absorbed(q_latent, q_pe, cache)
-        return padded_decode_attention(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens_tensor, scale)
+        return padded_decode_attention(q_latent, q_pe, cache, meta.block_tables, meta.seq_lens_tensor, scale,
+                                       self.kv_scale)
 
     def naive(self, q_nope, q_pe, cache, w_kv_b, meta, scale):
         if meta.seq_lens_tensor is not None:

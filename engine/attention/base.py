@@ -9,6 +9,11 @@ and layer, only the compressed latent and the rope key, so the cache row is
 Cache layout, shared by every backend (FlashInfer's paged MLA reads the same memory as
 its `ckv` and `kpe` views):
     kv_cache [L, N, B, C]   L layers, N blocks, B tokens per block, C = kv_lora_rank + rope dim
+
+The cache is in the model dtype, or in FP8 (float8_e4m3fn, `--kv-cache-dtype fp8_e4m3`) with
+one per-tensor scale: a stored value times `AttentionBackend.kv_scale` is the latent or rope
+key. Every backend quantizes in `write_kv` and dequantizes what it reads (`quantize_kv`,
+`dequantize_kv`); FP8 halves the bytes per token of a bf16 cache.
 """
 
 from __future__ import annotations
@@ -19,6 +24,29 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = torch.finfo(FP8_KV_DTYPE).max  # 448: larger magnitudes saturate rather than turn into NaN
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # --kv-cache-dtype: the model dtype, or FP8 with a per-tensor scale
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8_KV_DTYPE
+
+
+def quantize_kv(rows: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """rows [..., C] of latents and rope keys -> what a cache of `dtype` stores for them."""
+    if not is_fp8(dtype):
+        return rows.to(dtype)
+    return (rows.float() / scale).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(dtype)
+
+
+def dequantize_kv(rows: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows [..., C] -> their values in `dtype` (rows of a cache in the model dtype are only cast)."""
+    if not is_fp8(rows.dtype):
+        return rows.to(dtype)
+    values = rows.to(dtype)
+    return values if scale == 1.0 else values.mul_(scale)
 
 
 class MLAPath(enum.Enum):
@@ -127,9 +155,14 @@ class AttentionBackend(ABC):
     of their sequence up to their own position, the tokens written by `write_kv` in this
     step included. A backend holds no cache memory of its own: the caller owns `kv_cache`
     and must not let two steps use it at once.
+
+    An FP8 cache holds values / `kv_scale`. The scale is 1.0, as vLLM and SGLang use for an
+    uncalibrated FP8 KV cache: MLA's latent leaves an RMSNorm, so it sits well inside e4m3's
+    range (|x| <= 448); the rope key saturates at 448 if it ever leaves it.
     """
 
     name: str = ""
+    kv_scale: float = 1.0
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Prepares per-step work (index buffers, kernel plans). Default: nothing to do."""
@@ -147,7 +180,7 @@ class AttentionBackend(ABC):
                  meta: AttentionMetadata) -> None:
         """Stores the step's new tokens. cache [N, B, C]; latent [T, Ckv]; k_pe [T, R] (roped)."""
         rows = cache.view(-1, cache.shape[-1])
-        rows[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        rows[meta.slot_mapping] = quantize_kv(torch.cat((latent, k_pe), dim=-1), cache.dtype, self.kv_scale)
 
     @abstractmethod
     def absorbed(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,

@@ -1,16 +1,19 @@
 """Paged MLA attention for CPU serving: decode batches in one padded computation, prefill
-chunks through one up-projection GEMM.
+chunks in bounded memory.
 
 The reference (`torch_backend.TorchAttention`) loops over sequences; at decode that costs a
 few small ops per sequence and layer. Here the step's decode sequences are gathered once
 into a padded [S, M*B, C] context per layer and scored with two batched GEMMs, with the
 padding masked out. The gather index and mask are built once per step in `plan`.
 
-The naive form (prefill chunks) of a bf16 cache gathers every chunk's context at once,
-up-projects it to keys and values in one bf16 GEMM (the reference does one fp32 einsum per
-sequence), then scores and reduces each sequence in fp32 with its causal mask aligned to
-the end of its context. An fp32 cache takes the reference. (scaled_dot_product_attention
-would take its slow math path here: MLA's value dim differs from the query's.)
+The naive form (prefill chunks) runs `chunked.ChunkedPrefill` with its plain-torch kernel:
+the context in chunks, each up-projected to keys and values in the cache's dtype (bf16 for
+a bf16 or FP8 cache, one GEMM per chunk), scored in fp32 and merged through its log-sum-exp,
+so no [H, Q, S] scores exist. (scaled_dot_product_attention would take its slow math path
+here: MLA's value dim differs from the query's, and it returns no log-sum-exp.)
+
+An FP8 cache is dequantized as it is gathered: to bf16 for large decode batches, to fp32 for
+small ones, as a bf16 cache is.
 
 Legend: S = decode sequences, L = padded context length, H = heads, C = latent + rope dims.
 """
@@ -18,9 +21,9 @@ Legend: S = decode sequences, L = padded context length, H = heads, C = latent +
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import AttentionMetadata
+from .base import AttentionMetadata, dequantize_kv, is_fp8
+from .chunked import ChunkedPrefill, TorchPrefillKernel
 from .torch_backend import TorchAttention
 
 
@@ -33,9 +36,10 @@ FP32_MAX_ROWS = 1024
 class CpuAttention(TorchAttention):
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, prefill: ChunkedPrefill | None = None) -> None:
+        """prefill: how the naive form runs (default: plain-torch chunks of 32 MiB of keys and values)."""
         self._plans: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._up_proj: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # each layer's w_kv_b in bf16, made once
+        self.prefill = prefill or ChunkedPrefill(TorchPrefillKernel())
 
     def plan(self, meta: AttentionMetadata) -> None:
         self._plans.clear()
@@ -57,7 +61,9 @@ class CpuAttention(TorchAttention):
         blocks, pad = self._decode_plan(meta, cache.shape[1])
         ctx = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, cache.shape[-1])  # [S, L, C]
         if ctx.shape[0] * ctx.shape[1] <= FP32_MAX_ROWS:
-            ctx = ctx.float()  # small bf16 batched GEMMs cost more in oneDNN's setup than in math
+            ctx = dequantize_kv(ctx, self.kv_scale, torch.float32)  # small bf16 GEMMs cost more in setup than math
+        elif is_fp8(ctx.dtype):
+            ctx = dequantize_kv(ctx, self.kv_scale, torch.bfloat16)
         q = torch.cat((q_latent, q_pe), dim=-1) * scale  # [S, H, C]
         scores = torch.bmm(q.to(ctx.dtype), ctx.transpose(1, 2)).float()  # [S, H, L]
         probs = scores.masked_fill_(pad, float("-inf")).softmax(dim=-1).to(ctx.dtype)
@@ -65,33 +71,4 @@ class CpuAttention(TorchAttention):
         return torch.bmm(probs, ctx)[..., : q_latent.shape[-1]].to(q_latent.dtype)  # [S, H, Ckv]
 
     def naive(self, q_nope, q_pe, cache, w_kv_b, meta, scale):
-        if cache.dtype != torch.bfloat16:
-            return super().naive(q_nope, q_pe, cache, w_kv_b, meta, scale)
-        heads, nope_dim, latent_dim = q_nope.shape[1], q_nope.shape[-1], w_kv_b.shape[-1]
-        v_dim = w_kv_b.shape[1] - nope_dim
-        block_size = cache.shape[1]
-        offsets = torch.arange(block_size, device=cache.device)
-        rows = torch.cat([(meta.block_tables[i, : -(-s // block_size)].long()[:, None] * block_size + offsets)
-                          .flatten()[:s] for i, s in enumerate(meta.seq_lens)])
-        ctx = cache.view(-1, cache.shape[-1]).index_select(0, rows)  # [sum of contexts, C + R]
-        key = (w_kv_b.data_ptr(), cache.dtype)
-        if key not in self._up_proj:
-            self._up_proj[key] = w_kv_b.flatten(0, 1).to(cache.dtype)  # [H * (Dn + Dv), C]
-        kv = F.linear(ctx[:, :latent_dim], self._up_proj[key]).view(-1, heads, nope_dim + v_dim)
-        q = torch.cat((q_nope, q_pe), dim=-1).float().transpose(0, 1)  # [H, T, Dn + R]
-        out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
-        masks: dict[tuple[int, int], torch.Tensor] = {}
-        q_start = k_start = 0
-        for q_len, seq_len in zip(meta.query_lens, meta.seq_lens):
-            ks = slice(k_start, k_start + seq_len)
-            k = torch.cat((kv[ks, :, :nope_dim], ctx[ks, None, latent_dim:].expand(-1, heads, -1)), dim=-1)
-            if (q_len, seq_len) not in masks:  # query i sees keys up to seq_len - q_len + i
-                masks[q_len, seq_len] = torch.zeros(q_len, seq_len, device=q.device).masked_fill_(
-                    torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).triu_(seq_len - q_len + 1),
-                    float("-inf"))
-            scores = torch.baddbmm(masks[q_len, seq_len], q[:, q_start:q_start + q_len],
-                                   k.float().permute(1, 2, 0), alpha=scale)  # [H, q_len, seq_len] fp32
-            o = torch.bmm(scores.softmax(dim=-1), kv[ks, :, nope_dim:].float().transpose(0, 1))
-            out[q_start:q_start + q_len] = o.transpose(0, 1)
-            q_start, k_start = q_start + q_len, k_start + seq_len
-        return out
+        return self.prefill(q_nope, q_pe, cache, w_kv_b, meta, scale, self.kv_scale)

@@ -2,9 +2,19 @@
 
 FlashInfer reads the cache the other backends write: its `ckv_cache` [N, B, Ckv] and
 `kpe_cache` [N, B, R] are the two column ranges of the same [N, B, Ckv + R] layer cache
-(strided views, no copy). The absorbed form runs in FlashInfer; the naive form (prefill)
-stays the torch reference's. FlashInfer's kernels exist for DeepSeek's dims only
-(Ckv 512, R 64); other shapes (the tests' small models) fall back to the reference.
+(strided views, no copy). The absorbed form runs in FlashInfer's paged MLA kernel. The
+naive form (prefill) runs `chunked.ChunkedPrefill` with FlashInfer's ragged prefill
+(`BatchPrefillWithRaggedKVCacheWrapper`, qk head dim 192 and v head dim 128) as its kernel:
+context in chunks, attention states merged in fp32, so a long prompt's memory is bounded by
+one chunk. FlashInfer's kernels exist for DeepSeek's dims only (Ckv 512, R 64, Dn 128,
+Dv 128); other shapes (the tests' small models) take the reference for the absorbed form
+and the plain-torch chunked twin for the naive one.
+
+An FP8 cache: the paged MLA kernel reads bf16 here, so each step's absorbed sub-batch
+dequantizes its own blocks into a compact bf16 copy (planned on renumbered blocks); that
+costs a copy of the batch's context per layer and saves nothing in bandwidth, only cache
+capacity. Decode steps recorded in CUDA graphs then take the padded torch attention
+(`graph_decode` returns None), which dequantizes as it gathers.
 
 Per step, the wrapper is planned once, on the first layer that runs the step's absorbed
 sub-batch (heads, scale and dtypes are only known there), and run by every layer. Blog post: https://flashinfer.ai/2025/02/10/flashinfer-deepseek-mla.html
@@ -18,16 +28,21 @@ Ckv = kv_lora_rank, R = rope dim.
 
 from __future__ import annotations
 
+import math
 from itertools import accumulate
 from typing import NamedTuple
 
 import torch
 
-from .base import AttentionMetadata, GraphDecodeAttention
+from .base import AttentionMetadata, GraphDecodeAttention, dequantize_kv, is_fp8
+from .chunked import ChunkedPrefill, PrefillKernel, TorchPrefillKernel
 from .torch_backend import TorchAttention
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended split-k workspace
 SUPPORTED_DIMS = (512, 64)  # (Ckv, R) that FlashInfer's MLA kernels are built for
+PREFILL_DIMS = (192, 128)  # (Dn + R, Dv) of DeepSeek's naive form, which its ragged prefill is built for
+PREFILL_CHUNK_BYTES = 512 << 20  # keys and values of one prefill chunk (bf16): 6.5k tokens of 128 heads
+HALF = (torch.bfloat16, torch.float16)
 
 
 class PageTable(NamedTuple):
@@ -96,23 +111,49 @@ class FlashInferGraphDecode(GraphDecodeAttention):
         return out.to(q_latent.dtype)  # [P, H, Ckv]
 
 
+class FlashInferPrefillKernel(PrefillKernel):
+    """`chunked.PrefillKernel` on FlashInfer's ragged prefill: one request, bf16, causal masks
+    aligned to the bottom right (so a causal square is query i seeing keys 0..i).
+
+    FlashInfer's log-sum-exp is in base 2 (its kernels write log2(d) + m of log2e-scaled
+    scores, which its own merge_state assumes); it is turned into natural log for the fp32
+    merge that `chunked.attend_chunked` shares with the torch twin."""
+
+    dtype = torch.bfloat16
+
+    def __init__(self, wrapper_cls, workspace: torch.Tensor) -> None:
+        self._wrapper = wrapper_cls(workspace, "NHD")
+
+    def attend(self, q, k, v, causal, scale):
+        heads, dims = q.shape[1], (q.shape[-1], v.shape[-1])
+        indptr = lambda n: torch.tensor([0, n], dtype=torch.int32)  # noqa: E731 - plan copies host indptrs over
+        self._wrapper.plan(indptr(q.shape[0]), indptr(k.shape[0]), heads, heads, dims[0], head_dim_vo=dims[1],
+                           causal=causal, sm_scale=scale, q_data_type=q.dtype, kv_data_type=k.dtype)
+        out, lse = self._wrapper.run(q.contiguous(), k.contiguous(), v.contiguous(), return_lse=True)
+        return out.float(), lse.float() * math.log(2)
+
+
 class FlashInferAttention(TorchAttention):
     name = "flashinfer"
 
     def __init__(self) -> None:
         import flashinfer.mla  # CUDA only: imported when the backend is chosen, never on a CPU
+        import flashinfer.prefill
 
         self._wrapper_cls = flashinfer.mla.BatchMLAPagedAttentionWrapper
+        self._ragged_cls = flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper
         self._wrapper = None  # one per backend: its workspaces are allocated once
-        self._float_workspace: torch.Tensor | None = None  # shared by this wrapper and the graph-mode ones
+        self._float_workspace: torch.Tensor | None = None  # shared by every wrapper (they run one at a time)
         self._planned_for: tuple | None = None  # the sub-batch the wrapper is planned for, this step
+        self._fp8_blocks: torch.Tensor | None = None  # an FP8 cache: the planned sub-batch's blocks, in plan order
+        self._prefill: ChunkedPrefill | None = None  # FlashInfer's chunked prefill, made on first use
+        self._prefill_twin = ChunkedPrefill(TorchPrefillKernel(), chunk_bytes=PREFILL_CHUNK_BYTES // 2)
 
     def plan(self, meta: AttentionMetadata) -> None:
         self._planned_for = None
 
     def graph_decode(self, max_batch, max_blocks, heads, scale, latent_dim, cache):
-        if (latent_dim, cache.shape[-1] - latent_dim) != SUPPORTED_DIMS or cache.dtype not in (torch.bfloat16,
-                                                                                                torch.float16):
+        if (latent_dim, cache.shape[-1] - latent_dim) != SUPPORTED_DIMS or cache.dtype not in HALF:
             return None
         return FlashInferGraphDecode(self._wrapper_cls, self._workspace(cache.device), max_batch, max_blocks, heads,
                                      scale, cache)
@@ -123,21 +164,38 @@ class FlashInferAttention(TorchAttention):
         return self._float_workspace
 
     def absorbed(self, q_latent, q_pe, cache, meta, scale):
-        if (q_latent.shape[-1], q_pe.shape[-1]) != SUPPORTED_DIMS or cache.dtype not in (torch.bfloat16, torch.float16):
+        if (q_latent.shape[-1], q_pe.shape[-1]) != SUPPORTED_DIMS or not (cache.dtype in HALF or is_fp8(cache.dtype)):
             return super().absorbed(q_latent, q_pe, cache, meta, scale)
-        ckv, kpe = cache[..., : q_latent.shape[-1]], cache[..., q_latent.shape[-1]:]  # views of one cache
         self._plan_wrapper(meta, cache, q_latent.shape[1], scale)
+        if is_fp8(cache.dtype):  # the sub-batch's blocks, dequantized in plan order
+            cache = dequantize_kv(cache.index_select(0, self._fp8_blocks), self.kv_scale, torch.bfloat16)
+        ckv, kpe = cache[..., : q_latent.shape[-1]], cache[..., q_latent.shape[-1]:]  # views of one cache
         out = self._wrapper.run(q_latent.to(cache.dtype), q_pe.to(cache.dtype), ckv, kpe)  # [T, H, Ckv]
         return out.to(q_latent.dtype)
 
+    def naive(self, q_nope, q_pe, cache, w_kv_b, meta, scale):
+        dims = (q_nope.shape[-1] + q_pe.shape[-1], w_kv_b.shape[1] - q_nope.shape[-1])
+        if dims != PREFILL_DIMS or not (cache.dtype in HALF or is_fp8(cache.dtype)):
+            return self._prefill_twin(q_nope, q_pe, cache, w_kv_b, meta, scale, self.kv_scale)
+        if self._prefill is None:
+            kernel = FlashInferPrefillKernel(self._ragged_cls, self._workspace(cache.device))
+            self._prefill = ChunkedPrefill(kernel, chunk_bytes=PREFILL_CHUNK_BYTES, max_chunk=16384)
+        return self._prefill(q_nope, q_pe, cache, w_kv_b, meta, scale, self.kv_scale)
+
     def _plan_wrapper(self, meta: AttentionMetadata, cache: torch.Tensor, heads: int, scale: float) -> None:
-        """Plans on the first layer of a step (or of a new sub-batch); later layers reuse it."""
+        """Plans on the first layer of a step (or of a new sub-batch); later layers reuse it.
+        An FP8 cache is planned on its sub-batch's blocks renumbered 0..n-1 (see `absorbed`)."""
         key = (meta.query_lens, meta.seq_lens, meta.block_tables.data_ptr(), heads, scale, cache.dtype)
         if key == self._planned_for:
             return
         if self._wrapper is None:
             self._wrapper = self._wrapper_cls(self._workspace(cache.device))
         table = page_table(meta, cache.shape[1], cache.device)
+        dtype = cache.dtype
+        if is_fp8(dtype):
+            self._fp8_blocks, dtype = table.kv_indices, torch.bfloat16
+            table = table._replace(kv_indices=torch.arange(len(table.kv_indices), dtype=torch.int32,
+                                                           device=cache.device))
         self._wrapper.plan(table.qo_indptr, table.kv_indptr, table.kv_indices, table.kv_lens, heads,
-                           *SUPPORTED_DIMS, cache.shape[1], True, scale, cache.dtype, cache.dtype)
+                           *SUPPORTED_DIMS, cache.shape[1], True, scale, dtype, dtype)
         self._planned_for = key

@@ -1,14 +1,16 @@
 """Paged MLA attention in plain torch: the specification every fast backend is held to.
 
 One sequence at a time, in fp32: gather the sequence's cache rows through its block
-table, score, mask causally, softmax, reduce. Slow and obviously right.
+table (dequantized, for an FP8 cache), score, mask causally, softmax, reduce. Slow and
+obviously right; its [H, Q, S] scores make long prompts the chunked backends' job
+(`chunked.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, AttentionMetadata
+from .base import AttentionBackend, AttentionMetadata, dequantize_kv
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -29,12 +31,12 @@ def _causal_softmax(scores: torch.Tensor, seq_len: int) -> torch.Tensor:
 class TorchAttention(AttentionBackend):
     name = "torch"
 
-    @staticmethod
-    def _each_sequence(meta: AttentionMetadata, cache: torch.Tensor):
+    def _each_sequence(self, meta: AttentionMetadata, cache: torch.Tensor):
         """Yields (token rows, seq_len, context [S, C + R] fp32) per sequence."""
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
-            yield slice(start, start + q_len), seq_len, gather_context(cache, meta.block_tables[i], seq_len).float()
+            ctx = gather_context(cache, meta.block_tables[i], seq_len)
+            yield slice(start, start + q_len), seq_len, dequantize_kv(ctx, self.kv_scale, torch.float32)
             start += q_len
 
     def absorbed(self, q_latent, q_pe, cache, meta, scale):
