@@ -83,6 +83,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    # No argparse `choices`: an unknown value is bad input like any other (one error line, exit 2).
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="{auto,fp8_e4m3}",
+                   help="the latent KV cache: the model dtype, or FP8 e4m3 with a per-tensor scale (half bf16's bytes)")
     p.add_argument("--chat-template", type=Path, help="a Jinja chat template file replacing the checkpoint's")
     p.add_argument("--no-prefix-caching", action="store_true")
     _quantization_arg(p)
@@ -235,7 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
                           str(args.chat_template) if args.chat_template else None, not args.no_prefix_caching,
                           args.quantization, args.metrics_port, drain_timeout=args.drain_timeout,
                           log_format=args.log_format, enforce_eager=args.enforce_eager, parallel=parallel,
-                          moe_dispatch=args.moe_dispatch, gpu_memory_utilization=utilization)
+                          moe_dispatch=args.moe_dispatch, gpu_memory_utilization=utilization,
+                          kv_cache_dtype=args.kv_cache_dtype)
         if not parallel.is_head_node or (parallel.torchrun and int(os.environ["RANK"]) != 0):
             return _serve_other_ranks(cfg)
         tokenizer = Tokenizer.from_dir(args.model, args.chat_template)

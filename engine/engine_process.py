@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 import torch
 from moeserve.obs.logs import FORMATS, configure_logging
 
+from engine.attention.base import KV_CACHE_DTYPES
 from engine.core import EngineConfig, EngineCore, EngineStats
 from engine.distributed import ParallelConfig, ParallelState, destroy
 from engine.distributed.launch import init_rank, rank_device
@@ -64,6 +65,7 @@ class ServeConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they are recorded by default on CUDA)
     parallel: ParallelConfig = ParallelConfig()  # the ranks this engine spans (one process each)
     moe_dispatch: str = "auto"  # how MoE layers reach other ranks' experts: auto, allgather, alltoall
+    kv_cache_dtype: str = "auto"  # the latent cache: "auto" (the model dtype) or "fp8_e4m3" (half of bf16's bytes)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -84,6 +86,9 @@ class ServeConfig:
             raise ValueError(f"--moe-dispatch must be auto, allgather or alltoall, got {self.moe_dispatch!r}")
         if self.moe_dispatch == "alltoall" and not self.parallel.enable_expert_parallel:
             raise ValueError("--moe-dispatch alltoall needs --enable-expert-parallel")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.log_format not in FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
 
@@ -199,8 +204,10 @@ def _load(cfg: ServeConfig, state: ParallelState):
 
     device = cfg.device if state.world_size == 1 else str(rank_device(cfg.parallel, state.rank,
                                                                       torch.device(cfg.device).type))
-    return load_model(cfg.model, dtype=cfg.dtype, device=device, quantization=cfg.quantization,
-                      parallel=state, moe_dispatch=cfg.moe_dispatch, progress=state.rank == 0)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=device, quantization=cfg.quantization,
+                       parallel=state, moe_dispatch=cfg.moe_dispatch, progress=state.rank == 0)
+    model.set_kv_cache_dtype(cfg.kv_cache_dtype)  # before the cache is sized: FP8 blocks are half the bytes
+    return model
 
 
 def _load_sized(cfg: ServeConfig, state: ParallelState):

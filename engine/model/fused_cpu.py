@@ -31,6 +31,8 @@ def unsupported(model) -> str | None:
         return "only bf16 models on the CPU"
     if not cfg.q_lora_rank:
         return "the model has no q LoRA"
+    if model.kv_cache_dtype != model.dtype:
+        return f"the KV cache is {str(model.kv_cache_dtype).removeprefix('torch.')}; the C++ step reads a bf16 cache"
     for layer in model.model.layers:
         attn = layer.self_attn
         if attn.fused_a_proj.packed is None or attn.w_uk is None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata, get_attention_backend
+from engine.attention.base import FP8_KV_DTYPE, KV_CACHE_DTYPES
 from engine.distributed import ParallelState
 from engine.distributed.moe_dispatch import TokenDispatcher, make_dispatcher
 
@@ -23,7 +24,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from .mla import MLA
 from .fp4_experts import ExpertQuantization
-from .fused_cpu import FusedCpuDecoder
+from .fused_cpu import FusedCpuDecoder, unsupported
 from .moe import MoE, RoutedExperts
 from .rope import RotaryEmbedding
 
@@ -75,6 +76,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg, device)
         self.attention: AttentionBackend = get_attention_backend(attention)
         self.fused_decode: FusedCpuDecoder | None = None  # set by finish_loading where it applies
+        self.kv_cache_dtype = dtype  # what allocate_kv_cache makes: the model dtype, or FP8 (set_kv_cache_dtype)
 
     def checkpoint_slots(self) -> dict[str, torch.Tensor]:
         """Every checkpoint tensor name (Hugging Face layout) -> the tensor it is copied into.
@@ -124,11 +126,23 @@ class DeepseekV3ForCausalLM(nn.Module):
         log.info("decode steps: %s", "fused C++ (kernels/csrc/cpu_decode.cpp)" if reason is None
                  else f"Python model ({reason})")
 
+    def set_kv_cache_dtype(self, name: str) -> None:
+        """--kv-cache-dtype: "auto" keeps the cache in the model dtype; "fp8_e4m3" keeps it in
+        float8_e4m3fn with the backend's per-tensor scale, which every attention backend writes
+        and reads. The fused C++ decode step reads a bf16 cache, so with FP8 the decodes go
+        through the Python model. Raises ValueError for an unknown name."""
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+        self.kv_cache_dtype = self.dtype if name == "auto" else FP8_KV_DTYPE
+        if self.fused_decode is not None and (reason := unsupported(self)) is not None:
+            self.fused_decode = None
+            log.info("decode steps: Python model (%s)", reason)
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> torch.Tensor:
-        """The paged cache for every layer: [L, N, B, kv_lora_rank + rope dim], zeroed."""
+        """The paged cache for every layer: [L, N, B, kv_lora_rank + rope dim] in kv_cache_dtype, zeroed."""
         cfg = self.cfg
         return torch.zeros(cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_cache_dim,
-                           dtype=self.dtype, device=self.device)
+                           dtype=self.kv_cache_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
