@@ -8,11 +8,14 @@ so a bad request never disturbs the others.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from engine.cuda_graphs import cuda_graph_config
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, OutOfMemory
 from engine.kv_manager import KVCacheManager
 from engine.model import DeepseekV3ForCausalLM
 from engine.request import ChoiceDelta, EngineRequest, RequestOutput, RequestTimings, Usage
@@ -23,6 +26,8 @@ from engine.sequence import FinishReason, Sequence, SeqStatus
 from engine.text.logprobs import LogprobFormatter
 from engine.text.pipeline import TextPipeline
 from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,26 @@ class EngineCore:
         if planned is None:
             return []
         out, step = planned
-        return self.complete_step(out, self.runner.execute(step), step.sampled)
+        try:
+            logits = self.runner.execute(step)
+        except torch.OutOfMemoryError as exc:
+            return [self._fail_largest(out, exc)]
+        return self.complete_step(out, logits, step.sampled)
+
+    def _fail_largest(self, out: SchedulerOutput, exc: Exception) -> RequestOutput:
+        """After a step ran out of device memory: the request with the most tokens in it (the
+        likeliest cause, a long prefill chunk) ends with the error. The others keep what
+        earlier steps computed (this step's writes are redone) and run again at the next step."""
+        seq, n = max(out.scheduled, key=lambda item: item[1])
+        log.warning("step of %d tokens ran out of memory; ending request %s (%d of them): %s",
+                    out.num_tokens, seq.group, n, str(exc).splitlines()[0] if str(exc) else exc)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        result = self.abort(seq.group)
+        result.error = OutOfMemory(f"the device ran out of memory in a step holding {n} tokens of this request; "
+                                   "the other requests go on (a shorter prompt, or a smaller "
+                                   "--max-num-batched-tokens, needs less)")
+        return result
 
     def plan_step(self) -> tuple[SchedulerOutput, StepInputs] | None:
         """Schedules the next step and prepares its inputs; None when nothing can run."""

@@ -18,5 +18,10 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in a step this request was the largest part of; the
+    request ends, the others go on (gRPC RESOURCE_EXHAUSTED)."""
+
+
 class EngineDead(RuntimeError):
     """The engine loop stopped on an internal error (gRPC INTERNAL / UNAVAILABLE)."""

@@ -21,7 +21,7 @@ from moeserve.engine.v1 import engine_pb2_grpc as pb_grpc
 from moeserve.obs import tracing
 
 from engine.async_engine import AsyncEngine
-from engine.errors import EngineDead, InvalidRequest, QueueFull
+from engine.errors import EngineDead, InvalidRequest, OutOfMemory, QueueFull
 from engine.sampling_params import MAX_LOGPROBS
 from engine.tokenizer import Tokenizer
 
@@ -32,6 +32,7 @@ from .observe import RequestRecord
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Engine"].full_name
 _CODES = ((InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT), (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
           (EngineDead, grpc.StatusCode.UNAVAILABLE))
 
 
