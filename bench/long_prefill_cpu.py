@@ -12,7 +12,9 @@ Two paths in the same run:
 Each measurement runs in a fresh process (`--one PATH TOKENS` prints one JSON line), and its
 peak is the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs
 where the kernel allows, else ru_maxrss) minus its resident memory just before the call:
-the memory the attention call itself added on top of its inputs.
+the memory the attention call itself added on top of its inputs. Beside wall-clock seconds
+it reports the process's CPU seconds (all threads), which other load on a shared machine
+changes far less than wall time.
 
     python bench/long_prefill_cpu.py [--tokens 4096 16384 32768]
 """
@@ -109,12 +111,13 @@ def measure_one(path: str, tokens: int) -> dict:
     warm = AttentionMetadata((64,), (64,), meta.block_tables, meta.slot_mapping[:64])
     run(q_nope[:64], q_pe[:64], cache, w_kv_b, warm, NOPE ** -0.5)  # warm-up: oneDNN's kernels, the bf16 weight
     before, was_reset = rss_bytes(), reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run(q_nope, q_pe, cache, w_kv_b, meta, (NOPE + ROPE) ** -0.5)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     added = peak_bytes(was_reset) - before
     assert out.shape == (tokens, HEADS, V_DIM) and bool(torch.isfinite(out).all())
-    return {"path": path, "tokens": tokens, "seconds": seconds, "peak_bytes": max(added, 0), "reset": was_reset}
+    return {"path": path, "tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_bytes": max(added, 0), "reset": was_reset}
 
 
 def run_one(path: str, tokens: int) -> dict:
@@ -140,18 +143,21 @@ def main() -> None:
         return
     print(f"one layer's prefill attention, demo dims (H={HEADS}, C={LATENT}, R={ROPE}, Dn={NOPE}, Dv={V_DIM}), "
           f"bf16 cache, {torch.get_num_threads()} threads")
-    print(f"{'tokens':>7} | {'chunked s':>9} {'peak MiB':>9} | {'unchunked s':>11} {'peak MiB':>9} | speed-up")
+    print(f"{'':>7} | {'chunked':^26} | {'unchunked (before)':^26} |")
+    print(f"{'tokens':>7} | {'wall s':>7} {'cpu s':>7} {'peak MiB':>9} | {'wall s':>7} {'cpu s':>7} {'peak MiB':>9} | "
+          "cpu-time ratio")
     for tokens in args.tokens:
         new = run_one("chunked", tokens)
+        cells = [f"{new['seconds']:>7.2f} {new['cpu_seconds']:>7.2f} {new['peak_bytes'] / 2**20:>9.0f}"]
         need = unchunked_bytes(tokens)
         if need > 0.8 * available_bytes():
-            old_cells = f"{'skipped':>11} {'':>9} |  (needs ~{need / 2**30:.0f} GiB, "
-            old_cells += f"{available_bytes() / 2**30:.0f} GiB available)"
+            free = available_bytes()
+            cells.append(f"{'skipped':>26} | needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available")
         else:
             old = run_one("unchunked", tokens)
-            old_cells = (f"{old['seconds']:>11.2f} {old['peak_bytes'] / 2**20:>9.0f} | "
-                         f"{old['seconds'] / new['seconds']:.2f}x")
-        print(f"{tokens:>7} | {new['seconds']:>9.2f} {new['peak_bytes'] / 2**20:>9.0f} | {old_cells}")
+            cells.append(f"{old['seconds']:>7.2f} {old['cpu_seconds']:>7.2f} {old['peak_bytes'] / 2**20:>9.0f} | "
+                         f"{old['cpu_seconds'] / new['cpu_seconds']:.2f}x faster")
+        print(f"{tokens:>7} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":
