@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from engine.attention import get_attention_backend
+from engine.attention import AttentionMetadata, get_attention_backend
 from engine.attention.torch_backend import TorchAttention
 from helpers import contiguous_meta
 
@@ -123,9 +123,8 @@ def test_r1_layer_prefills_128k_tokens_on_one_gpu():
     where unchunked [H, Q, S] fp32 scores alone would be 8 TiB."""
     tokens, heads, block = 131072, 128, 64
     blocks = tokens // block
-    meta = type(contiguous_meta([1], [1], block, 1))((tokens,), (tokens,),
-                                                     torch.arange(blocks, dtype=torch.int32, device="cuda")[None],
-                                                     torch.arange(tokens, device="cuda"))
+    meta = AttentionMetadata((tokens,), (tokens,), torch.arange(blocks, dtype=torch.int32, device="cuda")[None],
+                             torch.arange(tokens, device="cuda"))
     cache = torch.randn(blocks, block, 576, device="cuda", dtype=torch.bfloat16)
     q_nope = torch.randn(tokens, heads, 128, device="cuda", dtype=torch.bfloat16)
     q_pe = torch.randn(tokens, heads, 64, device="cuda", dtype=torch.bfloat16)
