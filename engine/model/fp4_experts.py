@@ -33,7 +33,8 @@ class ExpertQuantization(enum.Enum):
 
     @classmethod
     def parse(cls, name: str | None) -> "ExpertQuantization | None":
-        """None or "" -> None (experts stay in the serving dtype); unknown -> CheckpointError."""
+        """None or "" -> None (no FP4: experts stay in the serving dtype, or FP8 from an FP8 checkpoint);
+        unknown -> CheckpointError."""
         if not name:
             return None
         try:
