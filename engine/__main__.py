@@ -204,12 +204,14 @@ def _check_plan(args: argparse.Namespace, parallel, device: str) -> None:
     if kv_gib is None:
         context = args.max_model_len or max(1, min(args.block_size, cfg.max_position_embeddings))
     else:  # the context the engine serves: --max-model-len, else the model's capped by the cache
-        kv_tokens = int(kv_gib * 2**30) // (cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize)
+        value_bytes = 1 if args.kv_cache_dtype == "fp8_e4m3" else dtype.itemsize
+        kv_tokens = int(kv_gib * 2**30) // (cfg.num_hidden_layers * cfg.kv_cache_dim * value_bytes)
         context = args.max_model_len or max(1, min(cfg.max_position_embeddings, kv_tokens))
     layout = Layout(parallel.tensor_parallel_size, parallel.data_parallel_size, parallel.enable_expert_parallel)
     plan = plan_layout(cfg, layout, device_memory_gib(device, parallel.ranks_per_node),
                        utilization=utilization, dtype=str(dtype).removeprefix("torch."),
-                       quantization=args.quantization, max_model_len=context, kv_cache_gib=kv_gib)
+                       quantization=args.quantization, max_model_len=context, kv_cache_gib=kv_gib,
+                       kv_cache_dtype=args.kv_cache_dtype, device=device)
     if not plan.fits:
         raise CheckpointError(f"this layout does not fit: {plan.reason}")
 

@@ -34,6 +34,7 @@ from engine.model.config import CheckpointError, ModelConfig
 
 GIB = 1 << 30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+KV_CACHE_DTYPE_BYTES = {"auto": 0, "fp8_e4m3": 1}  # 0: the serving dtype
 ROUTER_BYTES = 4  # the router's weight and correction bias are fp32 whatever the serving dtype
 ROUTING_BYTES_PER_CHOICE = 4 + 8  # fp32 weight + int64 expert id per token and choice
 
@@ -223,21 +224,26 @@ class Plan:
 
 def plan_layout(cfg: ModelConfig, layout: Layout, memory_gib: float, *, utilization: float = 0.9,
                 dtype: str = "bfloat16", quantization: str | None = None, max_model_len: int | None = None,
-                kv_cache_gib: float | None = None) -> Plan:
+                kv_cache_gib: float | None = None, kv_cache_dtype: str = "auto", device: str = "cuda") -> Plan:
     """The plan of `cfg` served on `layout`, with `memory_gib` GiB per device.
 
     dtype: the serving dtype (an FP8 checkpoint's linears other than the routed experts are
     dequantized to it); quantization: the `--quantization` value (None, "nvfp4" or "mxfp4";
     an NVFP4 checkpoint's experts are NVFP4 regardless, an FP8 checkpoint's stay FP8 unless
     it asks for FP4); max_model_len: None for the model's own; kv_cache_gib: the cache per rank,
-    default whatever the budget leaves after the weights.
+    default whatever the budget leaves after the weights; kv_cache_dtype: "auto" (the serving
+    dtype) or "fp8_e4m3" (one byte per value); device: "cuda" or "cpu" (on the CPU, MLA keeps
+    fp32 copies of kv_b_proj for its two forms; on GPUs it reads kv_b_proj itself).
     Raises CheckpointError naming the flag when an argument or the layout is invalid."""
     b = _check_args(cfg, memory_gib, utilization, dtype, max_model_len, kv_cache_gib)
     _check_layout(cfg, layout)
     experts = _expert_format(cfg, quantization)
     _check_expert_split(cfg, layout, experts)
-    weights = weight_bytes(cfg, layout, b, experts)
-    per_token = cfg.num_hidden_layers * cfg.kv_cache_dim * b
+    weights = weight_bytes(cfg, layout, b, experts, absorbed_fp32=device == "cpu")
+    if kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
+        raise CheckpointError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported "
+                              f"(choose {', '.join(KV_CACHE_DTYPE_BYTES)})")
+    per_token = cfg.num_hidden_layers * cfg.kv_cache_dim * (KV_CACHE_DTYPE_BYTES[kv_cache_dtype] or b)
     max_model_len = max_model_len or cfg.max_position_embeddings
     kv_budget = int(kv_cache_gib * GIB) if kv_cache_gib is not None else _budget(memory_gib, utilization) - weights.total
     kv_needed = int(kv_cache_gib * GIB) if kv_cache_gib is not None else max_model_len * per_token
@@ -312,16 +318,17 @@ def _check_expert_split(cfg: ModelConfig, layout: Layout, experts: ExpertFormat 
                               f"nvfp4)")
 
 
-def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, experts: ExpertFormat | None) -> WeightBytes:
+def weight_bytes(cfg: ModelConfig, layout: Layout, b: int, experts: ExpertFormat | None,
+                 absorbed_fp32: bool = False) -> WeightBytes:
     """Weight bytes on one rank of `layout`, values of `b` bytes, routed experts in `experts`
-    (None: the serving dtype)."""
+    (None: the serving dtype); absorbed_fp32: MLA keeps fp32 copies of kv_b_proj (the CPU)."""
     tp, d, k = layout.tp, cfg.hidden_size, cfg.first_k_dense_replace
     moe_layers = cfg.num_hidden_layers - k
     rows = -(-cfg.vocab_size // tp)
     return WeightBytes(
         attention=cfg.num_hidden_layers * _attention_values(cfg, tp) * b,
         # W_kv_b [H, Dn + Dv, C], and W_UK [H, Dn, C] beside W_UV^T [H, C, Dv]: twice kv_b_proj, in fp32
-        mla_absorbed=cfg.num_hidden_layers * 2 * (cfg.num_attention_heads // tp)
+        mla_absorbed=absorbed_fp32 * cfg.num_hidden_layers * 2 * (cfg.num_attention_heads // tp)
         * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 4,
         dense_mlp=k * 3 * d * (cfg.intermediate_size // tp) * b,
         shared_experts=moe_layers * 3 * d * (cfg.moe_intermediate_size * cfg.n_shared_experts // tp) * b,
@@ -445,6 +452,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length one sequence must fit (default: the model's)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
                    help="KV cache per rank (default: what the budget leaves after the weights)")
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="{auto,fp8_e4m3}",
+                   help="the latent cache's dtype (auto: the serving dtype)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -452,7 +461,8 @@ def run_plan(args: argparse.Namespace) -> int:
     layout = Layout(args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
     plan = plan_layout(read_config(args.model), layout, args.gpu_memory_gib,
                        utilization=args.gpu_memory_utilization, dtype=args.dtype, quantization=args.quantization,
-                       max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory)
+                       max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory,
+                       kv_cache_dtype=args.kv_cache_dtype)
     print(plan.format())
     return 0 if plan.fits else 1
 

@@ -58,8 +58,7 @@ def r1_tp8_weights(routed_experts: int) -> int:
     shared = 58 * 3 * 7168 * (2048 // 8) * 2  # 638,582,784
     router = 58 * (256 * 7168 + 256) * 4  # 425,781,248
     embedding = (2 * 16160 * 7168 + 7168) * 2  # 463,353,856
-    absorbed = 61 * 2 * 16 * 256 * 512 * 4  # 1,023,410,176: fp32 kv_b twice (naive and absorbed forms)
-    return attention + absorbed + dense + shared + router + embedding + routed_experts
+    return attention + dense + shared + router + embedding + routed_experts
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +78,13 @@ def test_small_model_weights_by_kind_with_tp2_and_expert_parallelism(small):
     # per layer: replicated (48+512+64)*64 + 48+512+64+64 = 40,624; 2 heads: q_b 2*96*48 = 9,216,
     # kv_b 2*80*512 = 81,920, o_proj 64*2*48 = 6,144 -> 137,904 values; 3 layers, 2 bytes
     assert w.attention == 3 * 137904 * 2 == 827424
-    assert w.mla_absorbed == 3 * 2 * 2 * 80 * 512 * 4 == 1966080  # 3 layers: kv_b (2 x 80 x 512) twice, fp32
+    assert w.mla_absorbed == 0  # on GPUs MLA reads kv_b_proj itself
     assert w.dense_mlp == 1 * 3 * 64 * 48 * 2 == 18432  # F/tp = 48
     assert w.shared_experts == 2 * 3 * 64 * 16 * 2 == 12288  # I*S/tp = 16
     assert w.routed_experts == 2 * 8 * 3 * 64 * 32 * 2 == 196608  # 8 whole experts per rank
     assert w.router == 2 * (16 * 64 + 16) * 4 == 8320  # fp32, replicated
     assert w.embedding == (2 * 160 * 64 + 64) * 2 == 41088  # ceil(320/2) rows each
-    assert w.total == 1104160 + 1966080
+    assert w.total == 1104160
     assert plan.kv_bytes_per_token == 3 * (512 + 64) * 2 == 3456
     assert plan.expert_format == "bfloat16"
 
@@ -132,6 +131,16 @@ def test_one_rank_has_no_collectives(small):
     assert "none (one rank)" in plan.format()
 
 
+def test_on_the_cpu_mla_keeps_fp32_copies_of_kv_b_and_an_fp8_cache_halves_kv_bytes(small):
+    cpu = plan_layout(small, Layout(tp=2, ep=True), 1.0, device="cpu")
+    assert cpu.weights.mla_absorbed == 3 * 2 * 2 * 80 * 512 * 4 == 1966080  # 3 layers: kv_b (2 x 80 x 512) twice
+    assert cpu.weights.total == 1104160 + 1966080
+    fp8 = plan_layout(small, Layout(tp=2, ep=True), 1.0, kv_cache_dtype="fp8_e4m3")
+    assert fp8.kv_bytes_per_token == 3 * (512 + 64) * 1 == 1728
+    with pytest.raises(CheckpointError, match="--kv-cache-dtype 'int4' is not supported"):
+        plan_layout(small, Layout(), 1.0, kv_cache_dtype="int4")
+
+
 def test_r1_has_671b_parameters_without_its_mtp_layer():
     # fp32 serving of the bf16 weights makes bytes / 4 the parameter count (the router is fp32 anyway)
     weights = plan_layout(ModelConfig.from_dict(R1_BF16), Layout(), 4000.0, dtype="float32").weights
@@ -151,7 +160,7 @@ def test_r1_in_bf16_on_8_h200_is_refused(ep):
     assert plan.weights.routed_experts == 58 * 256 * R1_EXPERT // 8 * 2 == 163477192704  # 152.25 GiB alone
     assert plan.weights.total == r1_tp8_weights(163477192704)
     assert not plan.fits and plan.tokens_per_dp_rank == 0
-    assert plan.reason.startswith("does not fit: weights 159.07 GiB + KV cache 10.72 GiB per rank exceed "
+    assert plan.reason.startswith("does not fit: weights 158.11 GiB + KV cache 10.72 GiB per rank exceed "
                                   "the budget 126.90 GiB")
     assert "--quantization nvfp4" in plan.reason
 
@@ -166,9 +175,9 @@ def test_r1_as_released_in_fp8_on_8_h200_fits_with_its_experts_kept_fp8(r1, ep):
     without_ep = 58 * 256 * (3 * 7168 * 256 + 4 * (2 * 2 * 56 + 56 * 2))  # 2 of 16 block rows / columns each
     assert without_ep == 81758552064
     weights = r1_tp8_weights(81758552064)
-    assert plan.weights.total == weights == 89078374400  # 82.96 GiB
+    assert plan.weights.total == weights == 88054964224  # 82.01 GiB
     budget = int(141 * 0.9 * GIB)
-    assert plan.tokens_per_dp_rank == (budget - weights) // 70272 == 671383
+    assert plan.tokens_per_dp_rank == (budget - weights) // 70272 == 685947
     assert plan.fits and "FP8 checkpoint: the other linears dequantized at load" in plan.format()
     # on 8 x H100 it does not fit, and the way out is FP4 experts
     h100 = plan_layout(r1, Layout(tp=8, ep=ep), 80.0)
@@ -189,10 +198,10 @@ def test_r1_with_nvfp4_experts_on_8_h200_tp8_ep_fits(r1):
     plan = plan_layout(r1, Layout(tp=8, ep=True), 141.0, quantization="nvfp4")
     assert plan.weights.routed_experts == 58 * 32 * R1_NVFP4_EXPERT == 45977975296  # 42.82 GiB
     weights = r1_tp8_weights(45977975296)
-    assert plan.weights.total == weights == 53297797632  # 49.64 GiB
+    assert plan.weights.total == weights == 52274387456  # 48.68 GiB
     assert plan.kv_bytes_per_token == R1_KV_PER_TOKEN
     budget = int(141 * 0.9 * GIB)  # 126.9 GiB
-    assert plan.tokens_per_dp_rank == plan.total_tokens == (budget - weights) // 70272 == 1180556
+    assert plan.tokens_per_dp_rank == plan.total_tokens == (budget - weights) // 70272 == 1195119
     assert plan.fits and plan.reason.startswith("fits:")
     assert plan.collective_bytes(MoEForm.ALL_GATHER) == 61 * 25088 + 3 * 25088 + 58 * 25088 + 7 * 16160 * 4
     assert plan.collective_bytes(MoEForm.ALL_TO_ALL) == 3513216 + 58 * 2 * 7 * 14336  # 7 other ranks
@@ -202,9 +211,9 @@ def test_r1_with_nvfp4_experts_on_two_nodes_of_8_h100_tp8_dp2_ep_fits(r1):
     plan = plan_layout(r1, Layout(tp=8, dp=2, ep=True), 80.0, quantization="nvfp4")
     assert plan.weights.routed_experts == 58 * 16 * R1_NVFP4_EXPERT == 22988987648  # 16 experts per rank
     weights = r1_tp8_weights(22988987648)  # attention, dense, shared and head split over tp=8 only
-    assert plan.weights.total == weights == 30308809984  # 28.23 GiB
-    assert plan.tokens_per_dp_rank == (72 * GIB - weights) // 70272 == 668838
-    assert plan.total_tokens == 2 * 668838
+    assert plan.weights.total == weights == 29285399808  # 27.27 GiB
+    assert plan.tokens_per_dp_rank == (72 * GIB - weights) // 70272 == 683401
+    assert plan.total_tokens == 2 * 683401
     assert plan.fits
     dispatch = 58 * 1 * (14336 + 8 * 12)  # all-gather over dp=2: the hidden state and 8 routing choices
     combine = 58 * 1 * 14336
@@ -212,7 +221,7 @@ def test_r1_with_nvfp4_experts_on_two_nodes_of_8_h100_tp8_dp2_ep_fits(r1):
 
 
 def test_r1_kv_cache_and_context_length_limits(r1):
-    # 8 x H100 with TP=8 + EP and NVFP4: the weights fit (49.64 GiB of 72), one 163,840-token context (10.72 GiB) too
+    # 8 x H100 with TP=8 + EP and NVFP4: the weights fit (48.68 GiB of 72), one 163,840-token context (10.72 GiB) too
     assert plan_layout(r1, Layout(tp=8, ep=True), 80.0, quantization="nvfp4").fits
     # an explicit --kv-cache-memory must hold one context: 5 GiB holds 5 * 2**30 // 70,272 = 76,398 tokens
     small_kv = plan_layout(r1, Layout(tp=8, ep=True), 141.0, quantization="nvfp4", kv_cache_gib=5.0)
@@ -271,9 +280,9 @@ def test_run_plan_prints_the_table_and_returns_the_verdict(tmp_path, capsys):
     assert plan_cli("--model", str(model), "--tensor-parallel-size", "8", "--enable-expert-parallel",
                     "--quantization", "nvfp4") == 0
     out = capsys.readouterr().out
-    assert "routed experts                 42.82" in out and "1,180,556 tokens per DP rank" in out
+    assert "routed experts                 42.82" in out and "1,195,119 tokens per DP rank" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: fits")
-    # a config.json path works as well as its directory; FP8 experts (82.96 GiB per rank) do not fit 8 x H100
+    # a config.json path works as well as its directory; FP8 experts (82.01 GiB per rank) do not fit 8 x H100
     assert plan_cli("--model", str(model / "config.json"), "--tensor-parallel-size", "8", "--gpu-memory-gib",
                     "80") == 1
     assert "verdict: does not fit" in capsys.readouterr().out
