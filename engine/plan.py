@@ -241,8 +241,8 @@ def plan_layout(cfg: ModelConfig, layout: Layout, memory_gib: float, *, utilizat
     _check_expert_split(cfg, layout, experts)
     weights = weight_bytes(cfg, layout, b, experts, absorbed_fp32=device == "cpu")
     if kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
-        raise CheckpointError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported "
-                              f"(choose {', '.join(KV_CACHE_DTYPE_BYTES)})")
+        raise CheckpointError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPE_BYTES)}, "
+                              f"got {kv_cache_dtype!r}")
     per_token = cfg.num_hidden_layers * cfg.kv_cache_dim * (KV_CACHE_DTYPE_BYTES[kv_cache_dtype] or b)
     max_model_len = max_model_len or cfg.max_position_embeddings
     kv_budget = int(kv_cache_gib * GIB) if kv_cache_gib is not None else _budget(memory_gib, utilization) - weights.total

@@ -8,6 +8,7 @@ mixed decode steps through a paged cache.
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import socket
 import traceback
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ def free_port() -> int:
 def _entry(rank: int, cfg: ParallelConfig, device_type: str, target, args, results) -> None:
     try:
         state = init_rank(cfg, rank, rank_device(cfg, rank, device_type))
-        results.put((rank, "ok", target(state, *args)))
+        # pickled by value here: a queue would share tensors through this process, which exits next
+        results.put((rank, "ok", pickle.dumps(target(state, *args))))
     except BaseException:  # noqa: BLE001 - reported to the test
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -52,7 +54,7 @@ def run_ranks(target, tp: int = 1, dp: int = 1, ep: bool = False, args: tuple = 
             rank, status, value = results.get(timeout=timeout)
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
         return [out[r] for r in range(cfg.world_size)]
     finally:
         for p in procs:

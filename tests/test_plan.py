@@ -137,7 +137,7 @@ def test_on_the_cpu_mla_keeps_fp32_copies_of_kv_b_and_an_fp8_cache_halves_kv_byt
     assert cpu.weights.total == 1104160 + 1966080
     fp8 = plan_layout(small, Layout(tp=2, ep=True), 1.0, kv_cache_dtype="fp8_e4m3")
     assert fp8.kv_bytes_per_token == 3 * (512 + 64) * 1 == 1728
-    with pytest.raises(CheckpointError, match="--kv-cache-dtype 'int4' is not supported"):
+    with pytest.raises(CheckpointError, match="--kv-cache-dtype must be one of auto, fp8_e4m3, got 'int4'"):
         plan_layout(small, Layout(), 1.0, kv_cache_dtype="int4")
 
 
