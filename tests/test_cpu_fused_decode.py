@@ -27,6 +27,9 @@ pytestmark = pytest.mark.skipif(cpu_decode.toolchain_missing() is not None,
                                 reason=f"the fused CPU decode step cannot be built here: {cpu_decode.toolchain_missing()}")
 
 
+LOGPROB_TOL = 0.15  # two bf16 paths' log-probabilities (fused step against the Python model)
+
+
 def test_the_extension_builds_where_there_is_a_compiler():
     assert cpu_decode.load() is not None, cpu_decode.why_unavailable()
 
@@ -188,20 +191,42 @@ def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int, n: int
 
 
 def test_engine_generations_with_the_fused_step_match_the_python_model(tmp_path):
-    """Greedy generations of a batch of 4 through EngineCore (continuous batching, paged
-    cache, the CPU attention backend): the fused decode step changes no token."""
+    """A batch of 4 through EngineCore (continuous batching, paged cache, the CPU attention
+    backend), teacher-forced: the Python model's run is fed the tokens the fused run chose
+    (its steps return the fused run's logits to the sampler, so every step sees the same
+    cache), and each step's logits of the two paths are compared. Two bf16 paths round
+    differently, so they agree within a tolerance, and their greedy choices agree except where
+    the two best tokens are nearly tied; a free-running comparison would let one near tie
+    change every later token."""
     path = make_serving_checkpoint(tmp_path)
     model = load_model(path, "bfloat16", attention="cpu", progress=False)
     assert model.fused_decode is not None
     tokenizer = Tokenizer.from_dir(path)
     prompts = [[100 + 7 * i + j for j in range(5 + 9 * i)] for i in range(4)]
-    outputs = []
-    for fused in (True, False):
-        with nullcontext() if fused else python_only(model):
-            core = EngineCore(model, tokenizer, EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK))
-            outputs.append(generate(core, prompts, max_tokens=24))
-    assert outputs[0] == outputs[1]
-    assert all(len(t) == 24 for t in outputs[0])
+    config = EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK)
+    fused_logits, python_logits = [], []
+
+    core = EngineCore(model, tokenizer, config)
+    execute = core.runner.execute
+    core.runner.execute = lambda step: fused_logits.append(execute(step)) or fused_logits[-1]
+    fused_tokens = generate(core, prompts, max_tokens=24)
+
+    with python_only(model):
+        core = EngineCore(model, tokenizer, config)
+        execute = core.runner.execute
+
+        def teacher_forced(step):
+            python_logits.append(execute(step))
+            return fused_logits[len(python_logits) - 1]
+        core.runner.execute = teacher_forced
+        assert generate(core, prompts, max_tokens=24) == fused_tokens
+    assert all(len(t) == 24 for t in fused_tokens) and len(python_logits) == len(fused_logits) > 20
+    for fused, python in zip(fused_logits, python_logits):
+        lp_fused, lp_python = fused.float().log_softmax(-1), python.float().log_softmax(-1)
+        assert (lp_fused - lp_python).abs().max() <= LOGPROB_TOL  # as close as transformers' own bf16
+        top2 = lp_python.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGPROB_TOL  # not a near tie
+        assert torch.equal(lp_fused.argmax(-1)[clear], lp_python.argmax(-1)[clear])
 
 
 def test_models_the_extension_cannot_take_decode_in_python(tmp_path, monkeypatch):
