@@ -190,43 +190,57 @@ def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int, n: int
     return list(tokens.values())
 
 
+def teacher_forced(model, make_core, run) -> tuple[list, list]:
+    """`run(core)` once with the fused step, then once through the Python model fed the tokens
+    the fused run chose: its steps hand the fused run's logits to the sampler, so both runs
+    schedule alike and every step sees the same cache. Returns both runs' outputs; each step's
+    logits of the two paths are compared (`assert_logits_agree`)."""
+    fused_logits, python_logits, outputs = [], [], []
+    core = make_core()
+    execute = core.runner.execute
+    core.runner.execute = lambda step: fused_logits.append(execute(step)) or fused_logits[-1]
+    outputs.append(run(core))
+    with python_only(model):
+        core = make_core()
+        execute = core.runner.execute
+
+        def forced(step):
+            python_logits.append(execute(step))
+            return fused_logits[len(python_logits) - 1]
+        core.runner.execute = forced
+        outputs.append(run(core))
+    assert len(python_logits) == len(fused_logits) > 20
+    assert_logits_agree(fused_logits, python_logits)
+    return outputs
+
+
+def assert_logits_agree(fused_logits: list, python_logits: list) -> None:
+    """Two bf16 paths round differently: log-probabilities within LOGPROB_TOL, greedy choices
+    equal except where the two best tokens are nearly tied."""
+    for fused, python in zip(fused_logits, python_logits, strict=True):
+        assert fused.shape == python.shape
+        if not fused.numel():  # a step of prompt chunks that end no prompt: nothing to sample
+            continue
+        lp_fused, lp_python = fused.float().log_softmax(-1), python.float().log_softmax(-1)
+        assert (lp_fused - lp_python).abs().max() <= LOGPROB_TOL  # as close as transformers' own bf16
+        top2 = lp_python.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGPROB_TOL
+        assert torch.equal(lp_fused.argmax(-1)[clear], lp_python.argmax(-1)[clear])
+
+
 def test_engine_generations_with_the_fused_step_match_the_python_model(tmp_path):
     """A batch of 4 through EngineCore (continuous batching, paged cache, the CPU attention
-    backend), teacher-forced: the Python model's run is fed the tokens the fused run chose
-    (its steps return the fused run's logits to the sampler, so every step sees the same
-    cache), and each step's logits of the two paths are compared. Two bf16 paths round
-    differently, so they agree within a tolerance, and their greedy choices agree except where
-    the two best tokens are nearly tied; a free-running comparison would let one near tie
-    change every later token."""
+    backend), teacher-forced (a free-running comparison would let one near tie change every
+    later token)."""
     path = make_serving_checkpoint(tmp_path)
     model = load_model(path, "bfloat16", attention="cpu", progress=False)
     assert model.fused_decode is not None
     tokenizer = Tokenizer.from_dir(path)
     prompts = [[100 + 7 * i + j for j in range(5 + 9 * i)] for i in range(4)]
     config = EngineConfig(max_model_len=256, num_blocks=64, block_size=BLOCK)
-    fused_logits, python_logits = [], []
-
-    core = EngineCore(model, tokenizer, config)
-    execute = core.runner.execute
-    core.runner.execute = lambda step: fused_logits.append(execute(step)) or fused_logits[-1]
-    fused_tokens = generate(core, prompts, max_tokens=24)
-
-    with python_only(model):
-        core = EngineCore(model, tokenizer, config)
-        execute = core.runner.execute
-
-        def teacher_forced(step):
-            python_logits.append(execute(step))
-            return fused_logits[len(python_logits) - 1]
-        core.runner.execute = teacher_forced
-        assert generate(core, prompts, max_tokens=24) == fused_tokens
-    assert all(len(t) == 24 for t in fused_tokens) and len(python_logits) == len(fused_logits) > 20
-    for fused, python in zip(fused_logits, python_logits):
-        lp_fused, lp_python = fused.float().log_softmax(-1), python.float().log_softmax(-1)
-        assert (lp_fused - lp_python).abs().max() <= LOGPROB_TOL  # as close as transformers' own bf16
-        top2 = lp_python.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGPROB_TOL  # not a near tie
-        assert torch.equal(lp_fused.argmax(-1)[clear], lp_python.argmax(-1)[clear])
+    fused, forced = teacher_forced(model, lambda: EngineCore(model, tokenizer, config),
+                                   lambda core: generate(core, prompts, max_tokens=24))
+    assert forced == fused and all(len(t) == 24 for t in fused)
 
 
 def test_models_the_extension_cannot_take_decode_in_python(tmp_path, monkeypatch):
@@ -254,29 +268,34 @@ def test_without_a_compiler_the_extension_is_reported_unavailable(monkeypatch):
 def test_fused_generations_survive_prefix_reuse_chunking_and_preemption(tmp_path):
     """A shared 32-token prefix (two cached blocks), prompts chunked 24 tokens at a time among
     running decodes, n=2 choices sharing their prompt's blocks, and a pool too small for
-    everyone, so that sequences are preempted and recomputed: the same tokens either way."""
+    everyone, so that sequences are preempted and recomputed: the fused step agrees with the
+    Python model at every step (teacher-forced, as above), every block comes back."""
     path = make_serving_checkpoint(tmp_path)
     model = load_model(path, "bfloat16", attention="cpu", progress=False)
     tokenizer = Tokenizer.from_dir(path)
     prefix = [300 + j for j in range(32)]
     prompts = [prefix + [900 + 11 * i + j for j in range(3 + 7 * i)] for i in range(4)]
-    outputs, preempted, cached = [], [], []
-    for fused in (True, False):
-        with nullcontext() if fused else python_only(model):
-            core = EngineCore(model, tokenizer, EngineConfig(
-                max_model_len=128, num_blocks=14, block_size=BLOCK,
-                scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))
-            schedule, victims = core.scheduler.schedule, []
+    preempted, cached = [], []
 
-            def counting_schedule():
-                out = schedule()
-                victims.extend(out.preempted)
-                return out
-            core.scheduler.schedule = counting_schedule
-            outputs.append(generate(core, prompts, max_tokens=20, n=2, cached=cached))
-            preempted.append(len(victims))
-            assert core.kv.num_free_blocks == 14  # every block back in the pool
-    assert outputs[0] == outputs[1]
-    assert all(len(t) == 20 for t in outputs[0])
-    assert min(preempted) > 0, preempted  # the pool really ran dry
+    def make_core():
+        core = EngineCore(model, tokenizer, EngineConfig(
+            max_model_len=128, num_blocks=14, block_size=BLOCK,
+            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24)))
+        schedule, victims = core.scheduler.schedule, []
+
+        def counting_schedule():
+            out = schedule()
+            victims.extend(out.preempted)
+            return out
+        core.scheduler.schedule = counting_schedule
+        preempted.append(victims)
+        return core
+
+    def run(core):
+        out = generate(core, prompts, max_tokens=20, n=2, cached=cached)
+        assert core.kv.num_free_blocks == 14  # every block back in the pool
+        return out
+    fused, forced = teacher_forced(model, make_core, run)
+    assert forced == fused and all(len(t) == 20 for t in fused)
+    assert min(len(v) for v in preempted) > 0, preempted  # the pool really ran dry
     assert max(cached) >= 32  # and the shared prefix was served from the cache
