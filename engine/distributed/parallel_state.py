@@ -175,13 +175,6 @@ class Group:
         dist.gather_object(obj, out, dst=self.ranks[0], group=self.cpu_pg)
         return out
 
-    def all_gather_objects(self, obj) -> list:
-        if self.size == 1:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.cpu_pg)
-        return out
-
 
 @dataclass(frozen=True)
 class ParallelState:

@@ -106,21 +106,31 @@ class MLP(nn.Module):
         return self.group.all_reduce(out) if reduce else out
 
 
-class VocabParallelEmbedding(nn.Module):
-    """The token embedding, its vocabulary split over the TP group in ceil(V/n)-row pieces:
-    each rank looks up the ids in its piece, zeros elsewhere, and the group sums."""
+class _VocabSplit(nn.Module):
+    """A [V, D] weight split by vocabulary over a TP group in ceil(V/n)-row pieces (the last
+    piece may be short: its padding rows are zero, never read and never loaded)."""
 
-    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, device, group: Group) -> None:
+    def __init__(self, vocab: int, group: Group) -> None:
         super().__init__()
         self.group, self.vocab = group, vocab
         self.part = shard_range(vocab, group.size, group.rank)
-        rows = -(-vocab // group.size)
-        self.weight = empty_param(rows, hidden, dtype=dtype, device=device)
-        if len(self.part) < rows:  # padding rows of the last piece: never read, never loaded
-            self.weight.data[len(self.part):] = 0
+        self.rows = -(-vocab // group.size)
+
+    def _zero_padding(self) -> None:
+        self.weight.data[len(self.part):] = 0
 
     def checkpoint_slots(self, prefix: str) -> dict[str, Any]:
         return {prefix + "weight": shard_slot(self.weight[: len(self.part)], 0, self.part, self.vocab)}
+
+
+class VocabParallelEmbedding(_VocabSplit):
+    """The token embedding: each rank looks up the ids in its piece, zeros elsewhere, and the
+    group sums."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, device, group: Group) -> None:
+        super().__init__(vocab, group)
+        self.weight = empty_param(self.rows, hidden, dtype=dtype, device=device)
+        self._zero_padding()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] int64 -> [T, D]."""
@@ -132,24 +142,18 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(x)
 
 
-class ParallelLMHead(nn.Module):
-    """The output projection, vocabulary split like `VocabParallelEmbedding`; each rank's
-    logits are gathered over the TP group, so every rank ends with all V."""
+class ParallelLMHead(_VocabSplit):
+    """The output projection, split like the embedding; each rank's logits are gathered over
+    the TP group, so every rank ends with all V."""
 
     def __init__(self, hidden: int, vocab: int, dtype: torch.dtype, device, group: Group) -> None:
-        super().__init__()
-        self.group, self.vocab = group, vocab
-        self.part = shard_range(vocab, group.size, group.rank)
-        self.proj = Linear(hidden, -(-vocab // group.size), dtype, device)
-        if len(self.part) < self.proj.weight.shape[0]:
-            self.proj.weight.data[len(self.part):] = 0
+        super().__init__(vocab, group)
+        self.proj = Linear(hidden, self.rows, dtype, device)
+        self._zero_padding()
 
     @property
     def weight(self) -> torch.Tensor:
         return self.proj.weight
-
-    def checkpoint_slots(self, prefix: str) -> dict[str, Any]:
-        return {prefix + "weight": shard_slot(self.proj.weight[: len(self.part)], 0, self.part, self.vocab)}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, V] fp32."""
